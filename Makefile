@@ -1,0 +1,68 @@
+# `make run` and `make test` are all a new machine needs: each installs
+# what it uses into .venv first (pinned by constraints.txt).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+PROTOS := $(shell find protos -name '*.proto' | sort)
+PROTOC = $(BIN)/python -m grpc_tools.protoc -Iprotos \
+	--python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) \
+	--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$(1) \
+	$(PROTOS)
+
+.PHONY: install run test lint format proto check-generated bench lock clean
+
+$(INSTALLED): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --constraint constraints.txt --editable '.[dev]'
+	touch $@
+
+install: $(INSTALLED)
+
+## Serve on GRPC_PORT (50051). Without DATABASE_URL: embedded PostgreSQL in .data/.
+run: $(INSTALLED)
+	@if [ -n "$$DATABASE_URL" ]; then $(BIN)/alembic upgrade head; fi
+	$(BIN)/python -m service
+
+## Lint everything, then run the tests against real PostgreSQL.
+test: lint
+	$(BIN)/pytest
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/buf lint
+	@$(MAKE) --no-print-directory check-generated
+
+format: $(INSTALLED)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## Regenerate generated/ from protos/.
+proto: $(INSTALLED)
+	rm -rf generated/pat && mkdir -p generated
+	$(call PROTOC,generated)
+
+## Fail when generated/ is not what protos/ produce.
+check-generated: $(INSTALLED)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(call PROTOC,$$tmp) >/dev/null && \
+	diff -r --exclude=__pycache__ "$$tmp/pat" generated/pat \
+	  || { echo "generated/ is stale: run 'make proto' and commit the result" >&2; exit 1; }
+
+bench: $(INSTALLED)
+	$(BIN)/python -m bench
+
+## Re-pin constraints.txt after changing dependencies in pyproject.toml.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet '.[dev]'
+	.lock-venv/bin/pip freeze --exclude pat-users > constraints.txt
+	rm -rf .lock-venv
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
