@@ -1,0 +1,1 @@
+"""pat-users: the gRPC server behind pat.users.v1.UserService."""

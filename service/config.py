@@ -1,0 +1,49 @@
+"""Settings, read once from the environment.
+
+Every variable is documented in the README's "Configuration" section; the
+defaults suit `make run` on a laptop.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """The service's configuration. Field names are the variables' names."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, frozen=True)
+
+    # Unset means: start the embedded PostgreSQL under EMBEDDED_PG_DIR.
+    database_url: str | None = None
+    embedded_pg_dir: Path = PROJECT_ROOT / ".data" / "postgres"
+
+    grpc_host: str = "[::]"
+    # 0 picks a free port; the chosen one is logged.
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    # How long an RPC waits for a pooled connection before UNAVAILABLE.
+    db_pool_timeout_seconds: float = Field(default=5.0, gt=0)
+    # How long opening a new database connection may take.
+    db_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    # Upper bound for one SQL statement, whatever the caller's deadline.
+    db_statement_timeout_seconds: float = Field(default=30.0, gt=0)
+
+    health_check_interval_seconds: float = Field(default=0.5, gt=0)
+    # After SIGTERM: how long health reports NOT_SERVING before the port closes.
+    shutdown_drain_seconds: float = Field(default=2.0, ge=0)
+    # After the drain: how long in-flight RPCs may take to finish.
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+
+    # Signs ListUsers page tokens. Unset: a random key per process, so tokens
+    # do not survive a restart nor cross replicas; set it in production.
+    page_token_secret: SecretStr | None = None
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"

@@ -1,0 +1,59 @@
+"""The one engine and the one session factory, and DATABASE_URL's accepted forms."""
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from service.config import Settings
+
+ACCEPTED_SCHEMES = ("postgresql", "postgresql+asyncpg")
+EXPECTED_FORM = "postgresql+asyncpg://USER:PASSWORD@HOST:5432/DBNAME (or postgresql://...)"
+
+
+class DatabaseUrlError(ValueError):
+    """DATABASE_URL is not a PostgreSQL URL. The message never repeats the URL."""
+
+
+def normalize_url(raw: str, variable: str = "DATABASE_URL") -> URL:
+    """Parse `raw` and switch it to the asyncpg driver.
+
+    Both `postgresql://` and `postgresql+asyncpg://` are accepted, so the app,
+    Alembic and docker-compose share one value; anything else is refused.
+    """
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise DatabaseUrlError(f"{variable} is not a URL; expected {EXPECTED_FORM}") from None
+    if url.drivername not in ACCEPTED_SCHEMES:
+        raise DatabaseUrlError(
+            f"{variable} has scheme {url.drivername!r}; expected {EXPECTED_FORM}"
+        )
+    return url.set(drivername="postgresql+asyncpg")
+
+
+def create_engine(url: URL, settings: Settings) -> AsyncEngine:
+    """The engine every RPC, the health watcher and migrations share."""
+    statement_timeout_ms = int(settings.db_statement_timeout_seconds * 1000)
+    return create_async_engine(
+        url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout_seconds,
+        connect_args={
+            "timeout": settings.db_connect_timeout_seconds,
+            "server_settings": {
+                "application_name": "pat-users",
+                "statement_timeout": str(statement_timeout_ms),
+            },
+        },
+    )
+
+
+def create_sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    # expire_on_commit=False: rows stay readable after commit, for to_proto.
+    return async_sessionmaker(engine, expire_on_commit=False)

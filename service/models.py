@@ -1,0 +1,72 @@
+"""The database schema, as SQLAlchemy 2.0 typed declarative models.
+
+Alembic migrations create exactly this; tests/test_migrations.py fails if the
+two drift apart.
+"""
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Index,
+    LargeBinary,
+    MetaData,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+MAX_EMAIL_LENGTH = 254
+MAX_DISPLAY_NAME_LENGTH = 200
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, server_default=func.gen_random_uuid())
+    email: Mapped[str] = mapped_column(Text)
+    display_name: Mapped[str] = mapped_column(Text, server_default="")
+    create_time: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    update_time: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    delete_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Bumped by every write; the etag is derived from it.
+    version: Mapped[int] = mapped_column(BigInteger, server_default=text("1"))
+    # CreateUser idempotency: the caller's request_id and a digest of the body.
+    create_request_id: Mapped[uuid.UUID | None] = mapped_column(unique=True)
+    create_request_digest: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+    __table_args__ = (
+        # Emails are unique among live users, whatever their letter case.
+        Index(
+            "ix_users_lower_email_live",
+            func.lower(email),
+            unique=True,
+            postgresql_where=delete_time.is_(None),
+        ),
+        # ListUsers' keyset order.
+        Index("ix_users_create_time_id", create_time, id),
+        # Last line of defence behind the servicer's validation.
+        CheckConstraint(f"char_length(email) <= {MAX_EMAIL_LENGTH}", name="email_length"),
+        CheckConstraint(
+            f"char_length(display_name) <= {MAX_DISPLAY_NAME_LENGTH}", name="display_name_length"
+        ),
+    )
