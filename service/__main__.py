@@ -1,0 +1,67 @@
+"""`python -m service`: serve until SIGTERM or SIGINT, then stop gracefully."""
+
+import asyncio
+import logging
+import signal
+import sys
+
+from pydantic import ValidationError
+
+from service.config import Settings
+from service.db import DatabaseUrlError, normalize_url
+from service.logs import configure_logging
+from service.migrations import upgrade_to_head
+from service.server import start
+
+logger = logging.getLogger("service")
+
+
+async def serve(settings: Settings, database_url: str) -> None:
+    running = await start(settings, database_url)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _on_signal, signum, stop_requested)
+    await stop_requested.wait()
+    await running.stop(
+        drain_seconds=settings.shutdown_drain_seconds,
+        grace_seconds=settings.shutdown_grace_seconds,
+    )
+
+
+def _on_signal(signum: int, stop_requested: asyncio.Event) -> None:
+    logger.info("received %s", signal.Signals(signum).name)
+    stop_requested.set()
+
+
+def main() -> int:
+    try:
+        settings = Settings()
+        if settings.database_url is not None:
+            normalize_url(settings.database_url)  # fail before anything starts
+    except (DatabaseUrlError, ValidationError) as error:
+        print(f"pat-users: configuration error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    if settings.database_url is not None:
+        asyncio.run(serve(settings, settings.database_url))
+        return 0
+    from service.embedded import embedded_postgres
+
+    with embedded_postgres(settings.embedded_pg_dir) as database_url:
+        upgrade_to_head(database_url)
+        asyncio.run(serve(settings, database_url))
+    return 0
+
+
+def _one_line(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        return "; ".join(
+            f"{'_'.join(str(part) for part in e['loc']).upper()}: {e['msg']}"
+            for e in error.errors()
+        )
+    return str(error)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

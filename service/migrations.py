@@ -1,0 +1,29 @@
+"""Alembic, called from the service: the head revision, and upgrading to it."""
+
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+
+from service.config import PROJECT_ROOT
+
+ALEMBIC_INI = PROJECT_ROOT / "alembic.ini"
+
+
+def alembic_config(database_url: str | None = None) -> Config:
+    config = Config(str(ALEMBIC_INI))
+    # The service has configured logging already; env.py must not redo it.
+    config.attributes["configure_logger"] = False
+    if database_url is not None:
+        config.attributes["database_url"] = database_url
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "alembic/versions holds no migration"
+    return head
+
+
+def upgrade_to_head(database_url: str) -> None:
+    """Blocking, and runs its own event loop: call it from a worker thread."""
+    command.upgrade(alembic_config(database_url), "head")

@@ -1,0 +1,139 @@
+"""UserService: validate → session → users.* → to_proto → response.
+
+Each RPC opens its own AsyncSession from the shared sessionmaker; writes run
+in `sessions.begin()`, so they commit on success and roll back on any error.
+Errors are raised, never turned into statuses here: errors.py does that.
+"""
+
+from typing import Any
+
+import grpc
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from pat.users.v1 import user_service_pb2 as pb
+from pat.users.v1 import user_service_pb2_grpc
+from service import users
+from service.convert import to_proto
+from service.page_tokens import InvalidPageToken, PageTokens
+from service.validation import Violations
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+MAX_BATCH_IDS = 1000
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class UserService(user_service_pb2_grpc.UserServiceServicer):
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], page_tokens: PageTokens) -> None:
+        self._sessions = sessions
+        self._page_tokens = page_tokens
+
+    async def CreateUser(
+        self, request: pb.CreateUserRequest, context: Context
+    ) -> pb.CreateUserResponse:
+        check = Violations()
+        email = check.email("user.email", request.user.email)
+        display_name = check.display_name("user.display_name", request.user.display_name)
+        request_id = check.optional_id("request_id", request.request_id)
+        check.raise_if_any()
+        async with self._sessions.begin() as session:
+            user = await users.create(
+                session, email=email, display_name=display_name, request_id=request_id
+            )
+        return pb.CreateUserResponse(user=to_proto(user))
+
+    async def GetUser(self, request: pb.GetUserRequest, context: Context) -> pb.GetUserResponse:
+        check = Violations()
+        user_id = check.id("id", request.id)
+        check.raise_if_any()
+        async with self._sessions() as session:
+            user = await users.get(session, user_id)
+        return pb.GetUserResponse(user=to_proto(user))
+
+    async def BatchGetUsers(
+        self, request: pb.BatchGetUsersRequest, context: Context
+    ) -> pb.BatchGetUsersResponse:
+        check = Violations()
+        if not 1 <= len(request.ids) <= MAX_BATCH_IDS:
+            check.add("ids", f"must hold between 1 and {MAX_BATCH_IDS} ids")
+            user_ids = []
+        else:
+            user_ids = [check.id(f"ids[{i}]", value) for i, value in enumerate(request.ids)]
+        check.raise_if_any()
+        async with self._sessions() as session:
+            found = await users.batch_get(session, user_ids)
+        return pb.BatchGetUsersResponse(users=[to_proto(user) for user in found])
+
+    async def LookupUser(
+        self, request: pb.LookupUserRequest, context: Context
+    ) -> pb.LookupUserResponse:
+        check = Violations()
+        email = check.email("email", request.email)
+        check.raise_if_any()
+        async with self._sessions() as session:
+            user = await users.lookup(session, email)
+        return pb.LookupUserResponse(user=to_proto(user))
+
+    async def ListUsers(
+        self, request: pb.ListUsersRequest, context: Context
+    ) -> pb.ListUsersResponse:
+        check = Violations()
+        if request.page_size < 0:
+            check.add("page_size", "must not be negative")
+        after = None
+        if request.page_token:
+            try:
+                after = self._page_tokens.read(
+                    request.page_token, show_deleted=request.show_deleted
+                )
+            except InvalidPageToken as error:
+                check.add("page_token", str(error))
+        check.raise_if_any()
+        limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        async with self._sessions() as session:
+            page, next_cursor = await users.list_page(
+                session, after=after, limit=limit, show_deleted=request.show_deleted
+            )
+        next_token = (
+            self._page_tokens.issue(next_cursor, show_deleted=request.show_deleted)
+            if next_cursor
+            else ""
+        )
+        return pb.ListUsersResponse(
+            users=[to_proto(user) for user in page], next_page_token=next_token
+        )
+
+    async def UpdateUser(
+        self, request: pb.UpdateUserRequest, context: Context
+    ) -> pb.UpdateUserResponse:
+        check = Violations()
+        user_id = check.id("user.id", request.user.id)
+        version = check.etag("user.etag", request.user.etag)
+        changes = check.update_changes(request.user, list(request.update_mask.paths))
+        check.raise_if_any()
+        async with self._sessions.begin() as session:
+            user = await users.update_fields(session, user_id, changes, expected_version=version)
+        return pb.UpdateUserResponse(user=to_proto(user))
+
+    async def DeleteUser(
+        self, request: pb.DeleteUserRequest, context: Context
+    ) -> pb.DeleteUserResponse:
+        check = Violations()
+        user_id = check.id("id", request.id)
+        version = check.etag("etag", request.etag)
+        check.raise_if_any()
+        async with self._sessions.begin() as session:
+            user = await users.delete(session, user_id, expected_version=version)
+        return pb.DeleteUserResponse(user=to_proto(user))
+
+    async def UndeleteUser(
+        self, request: pb.UndeleteUserRequest, context: Context
+    ) -> pb.UndeleteUserResponse:
+        check = Violations()
+        user_id = check.id("id", request.id)
+        version = check.etag("etag", request.etag)
+        check.raise_if_any()
+        async with self._sessions.begin() as session:
+            user = await users.undelete(session, user_id, expected_version=version)
+        return pb.UndeleteUserResponse(user=to_proto(user))

@@ -1,0 +1,129 @@
+"""Request field checks: each bad field becomes one FieldViolation.
+
+Checks run before any database work. They collect every violation of a
+request, so a caller fixes all of them in one round trip.
+"""
+
+import unicodedata
+import uuid
+
+from email_validator import EmailNotValidError, validate_email
+
+from pat.users.v1 import user_pb2
+from service.convert import parse_etag
+from service.errors import FieldViolation, InvalidArgument
+from service.models import MAX_DISPLAY_NAME_LENGTH, MAX_EMAIL_LENGTH
+from service.users import MUTABLE_FIELDS
+
+OUTPUT_ONLY_FIELDS = ("id", "create_time", "update_time", "delete_time", "etag")
+
+# A UUID's canonical text is 36 characters; anything longer is refused before parsing.
+_UUID_TEXT_LENGTH = 36
+
+
+class Violations:
+    """Collects a request's field violations; `raise_if_any` ends validation."""
+
+    def __init__(self) -> None:
+        self._items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self._items.append(FieldViolation(field, description))
+
+    def raise_if_any(self) -> None:
+        if self._items:
+            raise InvalidArgument(self._items)
+
+    def id(self, field: str, value: str) -> uuid.UUID:
+        """A required UUID. On a violation the nil UUID stands in until `raise_if_any`."""
+        if not value:
+            self.add(field, "is required")
+        return self.optional_id(field, value) or uuid.UUID(int=0)
+
+    def optional_id(self, field: str, value: str) -> uuid.UUID | None:
+        """A canonical UUID ("xxxxxxxx-xxxx-..."; upper-case hex is accepted) or empty."""
+        if not value:
+            return None
+        parsed = _parse_uuid(value)
+        if parsed is None:
+            self.add(field, "must be a UUID such as 0b7c4d7e-8d3c-4f59-9a57-3f1f0b0f8a11")
+        return parsed
+
+    def email(self, field: str, value: str) -> str:
+        if not value:
+            self.add(field, "is required")
+        elif len(value) > MAX_EMAIL_LENGTH:
+            self.add(field, f"must be at most {MAX_EMAIL_LENGTH} characters")
+        elif _has_control_characters(value):
+            self.add(field, "must not contain control characters")
+        else:
+            try:
+                validate_email(value, check_deliverability=False)
+            except EmailNotValidError as error:
+                self.add(field, f"is not a valid email address: {error}")
+        return value
+
+    def display_name(self, field: str, value: str) -> str:
+        if len(value) > MAX_DISPLAY_NAME_LENGTH:
+            self.add(field, f"must be at most {MAX_DISPLAY_NAME_LENGTH} characters")
+        elif _has_control_characters(value):
+            self.add(field, "must not contain control characters")
+        return value
+
+    def etag(self, field: str, value: str) -> int | None:
+        """The version an etag names; empty means "no condition"."""
+        if not value:
+            return None
+        version = parse_etag(value)
+        if version is None:
+            self.add(field, "is not an etag issued by this service")
+        return version
+
+    def update_changes(self, user: user_pb2.User, paths: list[str]) -> dict[str, str]:
+        """The mutable fields UpdateUser should set, from the user and its update_mask.
+
+        No paths: every mutable field with a non-empty value. "*": all of them.
+        """
+        if not paths:
+            chosen = [name for name in MUTABLE_FIELDS if getattr(user, name)]
+        elif paths == ["*"]:
+            chosen = list(MUTABLE_FIELDS)
+        else:
+            chosen = [name for name in MUTABLE_FIELDS if name in paths]
+            for index, path in enumerate(paths):
+                self._check_mask_path(f"update_mask.paths[{index}]", path)
+        changes = {}
+        if "email" in chosen:
+            changes["email"] = self.email("user.email", user.email)
+        if "display_name" in chosen:
+            changes["display_name"] = self.display_name("user.display_name", user.display_name)
+        return changes
+
+    def _check_mask_path(self, field: str, path: str) -> None:
+        if path in MUTABLE_FIELDS:
+            return
+        if path == "*":
+            self.add(field, '"*" must be the only path')
+        elif path in OUTPUT_ONLY_FIELDS:
+            self.add(field, f"{path!r} is output only")
+        else:
+            self.add(
+                field, f"is not a field of User; mutable fields are {', '.join(MUTABLE_FIELDS)}"
+            )
+
+
+def _parse_uuid(value: str) -> uuid.UUID | None:
+    if len(value) != _UUID_TEXT_LENGTH:
+        return None
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        return None
+    # uuid.UUID also takes braces and "urn:uuid:"; only the canonical form is an id.
+    return parsed if str(parsed) == value.lower() else None
+
+
+def _has_control_characters(value: str) -> bool:
+    # Cc covers C0 (NUL, tab, new line, ESC, ...), DEL and C1. PostgreSQL cannot
+    # store NUL, and the rest only ever arrive by mistake or with ill intent.
+    return any(unicodedata.category(char) == "Cc" for char in value)
