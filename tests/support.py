@@ -1,0 +1,253 @@
+"""Helpers the tests share: reading gRPC failures and the database's rows."""
+
+import asyncio
+import os
+import re
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+import grpc
+import pytest
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from sqlalchemy.engine import make_url
+
+from pat.users.v1 import user_pb2
+from pat.users.v1 import user_service_pb2 as pb
+from pat.users.v1.user_service_pb2_grpc import UserServiceStub
+from service.config import Settings
+from service.server import RunningServer, start
+
+TEST_PAGE_TOKEN_SECRET = "test-page-token-secret"
+
+DetailT = TypeVar("DetailT", bound=Message)
+
+_DETAIL_TYPES: list[type[Message]] = [
+    error_details_pb2.BadRequest,
+    error_details_pb2.ResourceInfo,
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.PreconditionFailure,
+]
+
+
+@dataclass
+class Failure:
+    """What a caller sees of a failed RPC."""
+
+    code: grpc.StatusCode
+    message: str
+    details: list[Message]
+
+    def detail(self, kind: type[DetailT]) -> DetailT:
+        found = [d for d in self.details if isinstance(d, kind)]
+        assert len(found) == 1, f"expected one {kind.__name__} in {self.details}"
+        return found[0]
+
+    @property
+    def bad_fields(self) -> list[str]:
+        return [v.field for v in self.detail(error_details_pb2.BadRequest).field_violations]
+
+
+async def fails(call: Awaitable[Any]) -> Failure:
+    """Await an RPC that must fail and return its status with unpacked details."""
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    error = raised.value
+    status = rpc_status.from_call(error)
+    details = [_unpack(d) for d in status.details] if status is not None else []
+    return Failure(error.code(), error.details() or "", details)
+
+
+def _unpack(packed: any_pb2.Any) -> Message:
+    for kind in _DETAIL_TYPES:
+        if packed.Is(kind.DESCRIPTOR):
+            message = kind()
+            packed.Unpack(message)
+            return message
+    raise AssertionError(f"unexpected detail type {packed.type_url}")
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[Any]], expected: Any, within: float = 5.0
+) -> None:
+    """Poll `probe` until it returns `expected`; fail after `within` seconds."""
+    async with asyncio.timeout(within):
+        while (last := await probe()) != expected:  # noqa: ASYNC110 - polling another process
+            await asyncio.sleep(0.05)
+    assert last == expected
+
+
+def unique_email(prefix: str = "user") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}@example.com"
+
+
+async def create_user(
+    stub: UserServiceStub, email: str | None = None, display_name: str = "Test User"
+) -> user_pb2.User:
+    request = pb.CreateUserRequest(
+        user=user_pb2.User(email=email or unique_email(), display_name=display_name)
+    )
+    return (await stub.CreateUser(request)).user
+
+
+def asyncpg_dsn(url: str) -> str:
+    """A libpq-style DSN asyncpg accepts, from any of our URL forms."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def table_rows(url: str) -> list[tuple[Any, ...]]:
+    """Every row of `users`, every column, in a stable order."""
+    connection = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        rows = await connection.fetch("SELECT * FROM users ORDER BY id")
+    finally:
+        await connection.close()
+    return [tuple(row.values()) for row in rows]
+
+
+async def run_sql(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    connection = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        return list(await connection.fetch(sql, *args))
+    finally:
+        await connection.close()
+
+
+def _execute_blocking(server_url: str, sql: str) -> None:
+    """Run one statement from sync code, even while the test's event loop runs."""
+
+    async def execute() -> None:
+        connection = await asyncpg.connect(asyncpg_dsn(server_url))
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        worker.submit(asyncio.run, execute()).result()
+
+
+def create_database(server_url: str, name: str) -> str:
+    """CREATE DATABASE on the server of `server_url`; return the new database's URL."""
+    _execute_blocking(server_url, f'CREATE DATABASE "{name}"')
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    _execute_blocking(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def subprocess_env(**overrides: str) -> dict[str, str]:
+    """The environment for a `python -m service` or `alembic` child process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "GRPC_PORT")}
+    env.update(overrides)
+    return env
+
+
+def server_settings(database_url: str, **overrides: object) -> Settings:
+    """Settings for an in-process test server on an ephemeral loopback port."""
+    values: dict[str, object] = {
+        "database_url": database_url,
+        "grpc_host": "127.0.0.1",
+        "grpc_port": 0,
+        "shutdown_drain_seconds": 0,
+        "shutdown_grace_seconds": 1,
+        "health_check_interval_seconds": 0.2,
+        "page_token_secret": TEST_PAGE_TOKEN_SECRET,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def serving(database_url: str, **overrides: object) -> AsyncIterator[RunningServer]:
+    """A real grpc.aio server in this process, stopped on exit."""
+    running = await start(server_settings(database_url, **overrides), database_url)
+    try:
+        yield running
+    finally:
+        await running.stop(drain_seconds=0, grace_seconds=1)
+
+
+@asynccontextmanager
+async def user_service(running: RunningServer) -> AsyncIterator[UserServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        yield UserServiceStub(channel)
+
+
+async def wait_until_serving(
+    channel: grpc.aio.Channel, service: str = "", timeout: float = 15
+) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service=service)
+    async for reply in health.Watch(request, timeout=timeout):
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            return
+
+
+class ServiceProcess:
+    """`python -m service` as a child process, its log collected as it runs."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.log: list[str] = []
+        self.port = 0
+        self._port_found = asyncio.Event()
+        self._reader = asyncio.ensure_future(self._read_log())
+
+    @classmethod
+    async def start(cls, env: dict[str, str], timeout: float = 60) -> "ServiceProcess":
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "service",
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        child = cls(process)
+        try:
+            async with asyncio.timeout(timeout):
+                await child._port_found.wait()
+        except TimeoutError:
+            await child.kill()
+            raise AssertionError("service did not start:\n" + child.text) from None
+        return child
+
+    async def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            self.log.append(line)
+            if match := re.search(r"listening on port (\d+)", line):
+                self.port = int(match.group(1))
+                self._port_found.set()
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.log)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def wait(self, timeout: float = 60) -> int:
+        async with asyncio.timeout(timeout):
+            code = await self.process.wait()
+            await self._reader
+        return code
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()

@@ -1,0 +1,131 @@
+"""What callers see when the database misbehaves: retryable codes, no internals."""
+
+import asyncio
+import uuid
+from collections.abc import Callable
+
+import asyncpg
+import grpc
+
+from pat.users.v1 import user_pb2
+from pat.users.v1 import user_service_pb2 as pb
+from service.migrations import upgrade_to_head
+from tests.support import (
+    asyncpg_dsn,
+    create_user,
+    eventually,
+    fails,
+    run_sql,
+    serving,
+    user_service,
+)
+
+# Things that must never reach a caller.
+LEAKS = ("SELECT", "UPDATE", "users", "Traceback", "asyncpg", "sqlalchemy", "postgres", "127.0.0.1")
+
+
+def assert_no_internals(message: str) -> None:
+    for leak in LEAKS:
+        assert leak not in message, f"{leak!r} leaked in {message!r}"
+
+
+async def test_unreachable_database_is_unavailable() -> None:
+    nowhere = "postgresql://pat:secret@127.0.0.1:9/pat"  # discard port: connection refused
+    async with serving(nowhere) as running, user_service(running) as stub:
+        failure = await fails(stub.GetUser(pb.GetUserRequest(id=str(uuid.uuid4())), timeout=10))
+        assert failure.code == grpc.StatusCode.UNAVAILABLE
+        assert_no_internals(failure.message)
+        assert "secret" not in failure.message
+
+
+async def hold_row_lock(url: str, user_id: str) -> asyncpg.Connection:
+    """A connection whose open transaction locks the user's row."""
+    connection = await asyncpg.connect(asyncpg_dsn(url))
+    await connection.execute("BEGIN")
+    await connection.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", uuid.UUID(user_id))
+    return connection
+
+
+async def service_queries_waiting(url: str) -> int:
+    rows = await run_sql(
+        url,
+        "SELECT count(*) AS n FROM pg_stat_activity "
+        "WHERE application_name = 'pat-users' AND wait_event_type = 'Lock'",
+    )
+    return int(rows[0]["n"])
+
+
+async def test_caller_deadline_cancels_the_database_work(
+    new_database: Callable[[], str],
+) -> None:
+    url = new_database()
+    await asyncio.to_thread(upgrade_to_head, url)
+    async with serving(url) as running, user_service(running) as stub:
+        user = await create_user(stub)
+        lock = await hold_row_lock(url, user.id)
+        try:
+            request = pb.UpdateUserRequest(user=user_pb2.User(id=user.id, display_name="late"))
+            failure = await fails(stub.UpdateUser(request, timeout=0.5))
+            assert failure.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            # The blocked UPDATE is cancelled in PostgreSQL, not left waiting for the lock.
+            await eventually(lambda: service_queries_waiting(url), 0)
+        finally:
+            await lock.close()
+        # Nothing was written, and the pool is healthy again.
+        assert (
+            await stub.GetUser(pb.GetUserRequest(id=user.id))
+        ).user.display_name == user.display_name
+        assert running.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_statement_timeout_is_deadline_exceeded(new_database: Callable[[], str]) -> None:
+    url = new_database()
+    await asyncio.to_thread(upgrade_to_head, url)
+    async with (
+        serving(url, db_statement_timeout_seconds=0.3) as running,
+        user_service(running) as stub,
+    ):
+        user = await create_user(stub)
+        lock = await hold_row_lock(url, user.id)
+        try:
+            request = pb.UpdateUserRequest(user=user_pb2.User(id=user.id, display_name="late"))
+            failure = await fails(stub.UpdateUser(request, timeout=10))
+        finally:
+            await lock.close()
+        assert failure.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert_no_internals(failure.message)
+
+
+async def test_exhausted_pool_is_unavailable(new_database: Callable[[], str]) -> None:
+    url = new_database()
+    await asyncio.to_thread(upgrade_to_head, url)
+    settings = {"db_pool_size": 1, "db_max_overflow": 0, "db_pool_timeout_seconds": 0.3}
+    async with serving(url, **settings) as running, user_service(running) as stub:
+        user = await create_user(stub)
+        lock = await hold_row_lock(url, user.id)
+        try:
+            blocked = asyncio.ensure_future(
+                stub.UpdateUser(
+                    pb.UpdateUserRequest(user=user_pb2.User(id=user.id, display_name="x"))
+                )
+            )
+            await eventually(lambda: service_queries_waiting(url), 1)  # the one connection waits
+            failure = await fails(stub.GetUser(pb.GetUserRequest(id=user.id), timeout=10))
+            assert failure.code == grpc.StatusCode.UNAVAILABLE
+            assert_no_internals(failure.message)
+        finally:
+            await lock.close()
+        assert (await blocked).user.display_name == "x"
+
+
+async def test_unexpected_error_is_generic_internal(new_database: Callable[[], str]) -> None:
+    url = new_database()
+    await asyncio.to_thread(upgrade_to_head, url)
+    async with serving(url) as running, user_service(running) as stub:
+        user = await create_user(stub, email="private@example.com")
+        # Break the schema under the running service: its SELECT now fails in SQL.
+        await run_sql(url, "ALTER TABLE users RENAME COLUMN display_name TO name")
+        failure = await fails(stub.GetUser(pb.GetUserRequest(id=user.id)))
+        assert failure.code == grpc.StatusCode.INTERNAL
+        assert failure.message == "internal error"
+        assert failure.details == []

@@ -1,0 +1,117 @@
+"""Alembic: round trips, no drift from the models, one URL for app and Alembic."""
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from service.db import normalize_url
+from service.migrations import head_revision, upgrade_to_head
+from service.models import Base
+from tests.conftest import PROJECT_ROOT
+from tests.support import run_sql, subprocess_env
+
+
+async def _schema_differences(url: str) -> list[Any]:
+    engine = create_async_engine(normalize_url(url))
+    try:
+        async with engine.connect() as connection:
+            return await connection.run_sync(
+                lambda sync: compare_metadata(
+                    MigrationContext.configure(
+                        sync, opts={"compare_type": True, "compare_server_default": True}
+                    ),
+                    Base.metadata,
+                )
+            )
+    finally:
+        await engine.dispose()
+
+
+async def _tables(url: str) -> set[str]:
+    rows = await run_sql(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    return {row["tablename"] for row in rows}
+
+
+def alembic(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
+    """The `alembic` command line, as docker-compose and operators run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "alembic", *args],
+        cwd=PROJECT_ROOT,
+        env=subprocess_env(DATABASE_URL=database_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_models_and_migrations_do_not_drift(new_database: Callable[[], str]) -> None:
+    url = new_database()
+    await asyncio.to_thread(upgrade_to_head, url)
+    assert await _schema_differences(url) == []
+
+
+async def test_drift_would_be_detected(new_database: Callable[[], str]) -> None:
+    url = new_database()
+    await asyncio.to_thread(upgrade_to_head, url)
+    await run_sql(url, "DROP INDEX ix_users_create_time_id")
+    assert await _schema_differences(url) != []
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgresql+asyncpg"])
+async def test_cli_upgrade_downgrade_upgrade_round_trips(
+    new_database: Callable[[], str], scheme: str
+) -> None:
+    url = normalize_url(new_database()).set(drivername=scheme).render_as_string(hide_password=False)
+
+    upgraded = await asyncio.to_thread(alembic, "upgrade", "head", database_url=url)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert await _tables(url) == {"users", "alembic_version"}
+
+    downgraded = await asyncio.to_thread(alembic, "downgrade", "base", database_url=url)
+    assert downgraded.returncode == 0, downgraded.stderr
+    assert await _tables(url) == {"alembic_version"}
+
+    again = await asyncio.to_thread(alembic, "upgrade", "head", database_url=url)
+    assert again.returncode == 0, again.stderr
+    current = await asyncio.to_thread(alembic, "current", database_url=url)
+    assert head_revision() in current.stdout
+    assert await _schema_differences(url) == []
+
+
+async def test_alembic_without_database_url_says_what_to_set() -> None:
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=PROJECT_ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "DATABASE_URL is not set" in result.stderr
+
+
+async def test_alembic_refuses_other_schemes() -> None:
+    result = await asyncio.to_thread(
+        alembic, "upgrade", "head", database_url="mysql://u:secret@h/db"
+    )
+    assert result.returncode != 0
+    assert "DATABASE_URL has scheme 'mysql'" in result.stderr
+    assert "secret" not in result.stderr
+
+
+async def test_psycopg_is_not_needed() -> None:
+    import importlib.util
+
+    assert importlib.util.find_spec("psycopg") is None
+    assert importlib.util.find_spec("psycopg2") is None
