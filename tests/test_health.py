@@ -1,0 +1,58 @@
+"""grpc.health.v1: SERVING only when the schema is at head and the database answers."""
+
+import asyncio
+from collections.abc import Callable
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.health import USER_SERVICE_NAME
+from service.migrations import upgrade_to_head
+from service.server import RunningServer
+from tests.support import fails, serving
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def check(port: int, service: str = "") -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return int(reply.status)
+
+
+@pytest.mark.parametrize("service", ["", USER_SERVICE_NAME])
+async def test_serving_when_migrated_and_reachable(
+    server: RunningServer, channel: grpc.aio.Channel, service: str
+) -> None:
+    assert await check(server.port, service) == SERVING
+
+
+async def test_unknown_service_is_not_found(
+    server: RunningServer, channel: grpc.aio.Channel
+) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    failure = await fails(health.Check(health_pb2.HealthCheckRequest(service="no.such.Service")))
+    assert failure.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_not_serving_until_migrations_reach_head(new_database: Callable[[], str]) -> None:
+    url = new_database()  # empty: no alembic_version yet
+    async with (
+        serving(url) as running,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=USER_SERVICE_NAME))
+        updates = aiter(watch)
+        assert (await anext(updates)).status == NOT_SERVING
+        await asyncio.sleep(0.5)  # several watcher rounds: still not serving
+        assert await check(running.port) == NOT_SERVING
+
+        await asyncio.to_thread(upgrade_to_head, url)
+        async with asyncio.timeout(5):
+            assert (await anext(updates)).status == SERVING  # Watch streams the change
+        assert await check(running.port) == SERVING
+        watch.cancel()
