@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from service.db import EXPECTED_FORM, normalize_url
+from service.migrations import MIGRATION_LOCK_KEY
 from service.models import Base
 
 config = context.config
@@ -24,11 +25,6 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
     fileConfig(config.config_file_name)
 
 target_metadata = Base.metadata
-
-# Replicas often start together and all run `alembic upgrade head`. The first
-# to take this advisory lock migrates; the others wait for its commit, then
-# find the schema at head and do nothing. (Any fixed bigint; this is "patusers".)
-MIGRATION_LOCK_KEY = 0x7061747573657273
 
 
 def _database_url() -> str:
@@ -48,6 +44,9 @@ def run_migrations_offline() -> None:
 def _migrate(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata)
     with context.begin_transaction():
+        # Replicas often start together and all run `alembic upgrade head`. The
+        # first to take this lock migrates; the others wait for its commit, then
+        # find the schema at head (alembic reads it only after this) and do nothing.
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         context.run_migrations()
 

@@ -9,6 +9,10 @@ from alembic.script import ScriptDirectory
 
 from service.config import PROJECT_ROOT
 
+# The advisory lock alembic/env.py holds while migrating (any fixed bigint;
+# this one spells "patusers").
+MIGRATION_LOCK_KEY = 0x7061747573657273
+
 
 def alembic_ini() -> Path:
     """ALEMBIC_CONFIG (Alembic's own variable) or the checkout's alembic.ini."""

@@ -6,16 +6,17 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.db import normalize_url
-from service.migrations import head_revision, upgrade_to_head
+from service.migrations import MIGRATION_LOCK_KEY, head_revision, upgrade_to_head
 from service.models import Base
 from tests.conftest import PROJECT_ROOT
-from tests.support import run_sql, subprocess_env
+from tests.support import asyncpg_dsn, eventually, run_sql, subprocess_env
 
 
 async def _schema_differences(url: str) -> list[Any]:
@@ -115,3 +116,48 @@ async def test_psycopg_is_not_needed() -> None:
 
     assert importlib.util.find_spec("psycopg") is None
     assert importlib.util.find_spec("psycopg2") is None
+
+
+async def waiting_for_migration_lock(url: str) -> int:
+    rows = await run_sql(
+        url,
+        "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+    )
+    return int(rows[0]["n"])
+
+
+async def test_replicas_migrating_at_once_leave_one_correct_schema(
+    new_database: Callable[[], str],
+) -> None:
+    url = new_database()
+    env = subprocess_env(DATABASE_URL=url)
+
+    async def upgrade() -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "alembic", "upgrade", "head"),
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output, _ = await process.communicate()
+        return await process.wait(), output.decode()
+
+    # Hold the migration lock so that all three replicas queue up behind it,
+    # then let go: they are released at the same instant and race for real.
+    gate = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        await gate.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        upgrades = asyncio.gather(upgrade(), upgrade(), upgrade())
+        await eventually(lambda: waiting_for_migration_lock(url), 3, within=30)
+        await gate.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+        results = await upgrades
+    finally:
+        await gate.close()
+
+    assert [code for code, _ in results] == [0, 0, 0], [out for _, out in results]
+    migrated = [out for _, out in results if "Running upgrade" in out]
+    assert len(migrated) == 1  # one process migrated; the others found head
+    versions = await run_sql(url, "SELECT version_num FROM alembic_version")
+    assert [row["version_num"] for row in versions] == [head_revision()]
+    assert await _schema_differences(url) == []
