@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from sqlalchemy import exc as sa_exc
@@ -65,6 +65,18 @@ class InvalidArgument(ServiceError):
                 ]
             )
         ]
+
+
+class UndecodableRequest(ServiceError):
+    """The request bytes are not the message the method takes."""
+
+    code = code_pb2.INVALID_ARGUMENT
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the request is not a valid protobuf message for this method "
+            "(corrupt wire format, or a string field that is not UTF-8)"
+        )
 
 
 class NotFound(ServiceError):
@@ -200,9 +212,27 @@ Response = TypeVar("Response")
 Behavior = Callable[[Any, Any], Any]
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse."""
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    # grpc would answer a parse failure with UNKNOWN and the parser's text;
+    # deferring it to the handler lets it become INVALID_ARGUMENT like any bad input.
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _Undecodable()
+
+    return deserialize
+
+
 def _with_error_mapping(behavior: Behavior, method: str) -> Behavior:
     async def mapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
+            if isinstance(request, _Undecodable):
+                raise UndecodableRequest()
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise  # the handler already chose its status
@@ -227,6 +257,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return handler
         return grpc.unary_unary_rpc_method_handler(
             _with_error_mapping(handler.unary_unary, handler_call_details.method),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=(
+                _tolerant(handler.request_deserializer) if handler.request_deserializer else None
+            ),
             response_serializer=handler.response_serializer,
         )

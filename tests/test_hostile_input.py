@@ -214,3 +214,43 @@ async def test_only_canonical_uuids_are_ids(stub: UserServiceStub, bad_id: str) 
 async def test_nil_uuid_is_simply_not_found(stub: UserServiceStub) -> None:
     failure = await fails(stub.GetUser(pb.GetUserRequest(id=str(uuid.UUID(int=0)))))
     assert failure.code == grpc.StatusCode.NOT_FOUND
+
+
+RPCS = [
+    "CreateUser",
+    "GetUser",
+    "BatchGetUsers",
+    "LookupUser",
+    "ListUsers",
+    "UpdateUser",
+    "DeleteUser",
+    "UndeleteUser",
+]
+
+UNDECODABLE = {
+    "corrupt-wire-format": b"\xff\xff\xff",
+    # field 1 (a string in every request but ListUsers) holding bytes that are not UTF-8
+    "string-not-utf8": b"\x0a\x02\xff\xfe",
+    # CreateUser.user.email (field 1 → field 2) holding bytes that are not UTF-8
+    "nested-string-not-utf8": b"\x0a\x04\x12\x02\xff\xfe",
+}
+
+
+@pytest.mark.parametrize("payload", UNDECODABLE.values(), ids=UNDECODABLE.keys())
+@pytest.mark.parametrize("rpc", RPCS)
+async def test_undecodable_bytes_are_invalid_argument(
+    channel: grpc.aio.Channel, database_url: str, rpc: str, payload: bytes
+) -> None:
+    """Raw bytes no generated stub would send: a clear INVALID_ARGUMENT, not UNKNOWN."""
+    raw = channel.unary_unary(
+        f"/pat.users.v1.UserService/{rpc}",
+        request_serializer=lambda data: data,
+        response_deserializer=lambda data: data,
+    )
+    if rpc == "ListUsers" and payload != UNDECODABLE["corrupt-wire-format"]:
+        await raw(payload, timeout=5)  # ListUsers has no string field: an unknown field, ignored
+    else:
+        failure = await fails(raw(payload, timeout=5))
+        assert failure.code == grpc.StatusCode.INVALID_ARGUMENT, failure.message
+        assert "DecodeError" not in failure.message
+    assert await table_rows(database_url) == []
