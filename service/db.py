@@ -1,5 +1,8 @@
 """The one engine and the one session factory, and DATABASE_URL's accepted forms."""
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import (
@@ -57,3 +60,17 @@ def create_engine(url: URL, settings: Settings) -> AsyncEngine:
 def create_sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     # expire_on_commit=False: rows stay readable after commit, for to_proto.
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@asynccontextmanager
+async def read_session(
+    sessions: async_sessionmaker[AsyncSession],
+) -> AsyncIterator[AsyncSession]:
+    """A session for a read that is one statement: it runs in autocommit mode.
+
+    One statement sees one consistent snapshot anyway, and skipping BEGIN and
+    ROLLBACK saves two of a read's three round trips to PostgreSQL.
+    """
+    async with sessions() as session:
+        await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        yield session

@@ -14,6 +14,7 @@ from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1 import user_service_pb2_grpc
 from service import users
 from service.convert import to_proto
+from service.db import read_session
 from service.page_tokens import InvalidPageToken, PageTokens
 from service.validation import Violations
 
@@ -47,7 +48,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         check = Violations()
         user_id = check.id("id", request.id)
         check.raise_if_any()
-        async with self._sessions() as session:
+        async with read_session(self._sessions) as session:
             user = await users.get(session, user_id)
         return pb.GetUserResponse(user=to_proto(user))
 
@@ -61,7 +62,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         else:
             user_ids = [check.id(f"ids[{i}]", value) for i, value in enumerate(request.ids)]
         check.raise_if_any()
-        async with self._sessions() as session:
+        async with read_session(self._sessions) as session:
             found = await users.batch_get(session, user_ids)
         return pb.BatchGetUsersResponse(users=[to_proto(user) for user in found])
 
@@ -71,7 +72,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         check = Violations()
         email = check.email("email", request.email)
         check.raise_if_any()
-        async with self._sessions() as session:
+        async with read_session(self._sessions) as session:
             user = await users.lookup(session, email)
         return pb.LookupUserResponse(user=to_proto(user))
 
@@ -91,7 +92,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
                 check.add("page_token", str(error))
         check.raise_if_any()
         limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        async with self._sessions() as session:
+        async with read_session(self._sessions) as session:
             page, next_cursor = await users.list_page(
                 session, after=after, limit=limit, show_deleted=request.show_deleted
             )
