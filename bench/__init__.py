@@ -1,0 +1,1 @@
+"""Load benchmark for pat-users: `make bench`."""
