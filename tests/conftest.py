@@ -13,7 +13,6 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -82,6 +81,3 @@ async def empty_users_table(request: pytest.FixtureRequest) -> None:
     if "database_url" in request.fixturenames:
         url = request.getfixturevalue("database_url")
         await run_sql(url, "TRUNCATE users")
-
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent

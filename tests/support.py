@@ -1,14 +1,17 @@
 """Helpers the tests share: reading gRPC failures and the database's rows."""
 
 import asyncio
+import contextlib
 import os
 import re
+import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
@@ -28,6 +31,7 @@ from service.config import Settings
 from service.server import RunningServer, start
 
 TEST_PAGE_TOKEN_SECRET = "test-page-token-secret"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 DetailT = TypeVar("DetailT", bound=Message)
 
@@ -205,15 +209,21 @@ class ServiceProcess:
         self._reader = asyncio.ensure_future(self._read_log())
 
     @classmethod
-    async def start(cls, env: dict[str, str], timeout: float = 60) -> "ServiceProcess":
+    async def start(
+        cls,
+        env: dict[str, str],
+        timeout: float = 60,
+        command: Sequence[str] = (sys.executable, "-m", "service"),
+    ) -> "ServiceProcess":
+        """Start `command` in a process group of its own, as a terminal would."""
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "service",
+            *command,
+            cwd=PROJECT_ROOT,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
         )
         child = cls(process)
         try:
@@ -247,7 +257,12 @@ class ServiceProcess:
             await self._reader
         return code
 
+    def interrupt(self) -> None:
+        """Ctrl-C: SIGINT to the whole process group."""
+        os.killpg(self.process.pid, signal.SIGINT)
+
     async def kill(self) -> None:
         if self.process.returncode is None:
-            self.process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             await self.process.wait()

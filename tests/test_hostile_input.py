@@ -140,6 +140,11 @@ async def test_every_field_has_a_defined_answer(
     if expected == OK:
         reply = await method(request)
         _assert_stored_exactly(reply, field, value)
+        # Only the user the call was about may have changed.
+        touched = {uuid.UUID(user.id) for user in _users_in(reply)}
+        assert _rows_except(await table_rows(database_url), touched) == _rows_except(
+            rows_before, touched
+        )
         return
 
     failure = await fails(method(request))
@@ -150,6 +155,16 @@ async def test_every_field_has_a_defined_answer(
     else:
         assert failure.code == grpc.StatusCode.FAILED_PRECONDITION
     assert await table_rows(database_url) == rows_before
+
+
+def _users_in(reply: Any) -> list[user_pb2.User]:
+    if hasattr(reply, "users"):
+        return list(reply.users)
+    return [reply.user]
+
+
+def _rows_except(rows: list[tuple[Any, ...]], ids: set[uuid.UUID]) -> list[tuple[Any, ...]]:
+    return [row for row in rows if row[0] not in ids]
 
 
 def _assert_stored_exactly(reply: Any, field: str, value: str) -> None:

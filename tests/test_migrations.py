@@ -15,8 +15,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from service.db import normalize_url
 from service.migrations import MIGRATION_LOCK_KEY, head_revision, upgrade_to_head
 from service.models import Base
-from tests.conftest import PROJECT_ROOT
-from tests.support import asyncpg_dsn, eventually, run_sql, subprocess_env
+from tests.support import PROJECT_ROOT, asyncpg_dsn, eventually, run_sql, subprocess_env
 
 
 async def _schema_differences(url: str) -> list[Any]:

@@ -1,6 +1,6 @@
 """`python -m service` as operators run it: configuration, embedded PostgreSQL, restarts."""
 
-import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -9,10 +9,16 @@ from pathlib import Path
 import grpc
 import pytest
 
+from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
-from tests.conftest import PROJECT_ROOT
-from tests.support import ServiceProcess, create_user, subprocess_env, wait_until_serving
+from tests.support import (
+    PROJECT_ROOT,
+    ServiceProcess,
+    create_user,
+    subprocess_env,
+    wait_until_serving,
+)
 
 
 @pytest.mark.parametrize(
@@ -59,30 +65,55 @@ def test_bad_setting_stops_startup_with_one_line() -> None:
     assert "GRPC_PORT" in result.stderr
 
 
-async def test_embedded_postgres_keeps_users_across_restarts(tmp_path: Path) -> None:
-    env = subprocess_env(
-        EMBEDDED_PG_DIR=str(tmp_path / "pgdata"), GRPC_PORT="0", SHUTDOWN_DRAIN_SECONDS="0"
-    )
-    first = await ServiceProcess.start(env)
+async def client_session(stub: UserServiceStub) -> user_pb2.User:
+    """Create, get, list, update, delete and undelete one user; return it."""
+    user = await create_user(stub, email="session@example.com")
+    assert (await stub.GetUser(pb.GetUserRequest(id=user.id))).user == user
+    listed = (await stub.ListUsers(pb.ListUsersRequest())).users
+    assert user.id in [u.id for u in listed]
+    renamed = user_pb2.User(id=user.id, display_name="Renamed", etag=user.etag)
+    user = (await stub.UpdateUser(pb.UpdateUserRequest(user=renamed))).user
+    assert user.display_name == "Renamed"
+    user = (await stub.DeleteUser(pb.DeleteUserRequest(id=user.id, etag=user.etag))).user
+    assert user.HasField("delete_time")
+    user = (await stub.UndeleteUser(pb.UndeleteUserRequest(id=user.id, etag=user.etag))).user
+    assert not user.HasField("delete_time")
+    return user
+
+
+async def test_make_run_serves_with_embedded_postgres_that_keeps_users(tmp_path: Path) -> None:
+    data_dir = tmp_path / "pgdata"
+    env = subprocess_env(EMBEDDED_PG_DIR=str(data_dir), GRPC_PORT="0", SHUTDOWN_DRAIN_SECONDS="0")
+
+    first = await ServiceProcess.start(env, command=("make", "--no-print-directory", "run"))
     try:
         async with grpc.aio.insecure_channel(first.address) as channel:
             await wait_until_serving(channel)
-            user = await create_user(UserServiceStub(channel))
-        first.process.send_signal(signal.SIGINT)  # Ctrl-C
-        assert await first.wait() == 0, first.text
+            user = await client_session(UserServiceStub(channel))
+        first.interrupt()  # Ctrl-C reaches make, the service and PostgreSQL alike
+        await first.wait()
     finally:
         await first.kill()
-    assert "Running upgrade" in first.text  # migrations applied on first start
+    assert "Running upgrade" in first.text  # migrations applied on the first start
+    assert "server stopped" in first.text, first.text
+    assert "Traceback" not in first.text, first.text
+    assert not postgres_running(data_dir)
 
+    env["LOG_FORMAT"] = "json"
     second = await ServiceProcess.start(env)
     try:
         async with grpc.aio.insecure_channel(second.address) as channel:
             await wait_until_serving(channel)
             again = (await UserServiceStub(channel).GetUser(pb.GetUserRequest(id=user.id))).user
-        assert again == user
+        assert again == user  # the data survived the restart
         second.process.send_signal(signal.SIGTERM)
         assert await second.wait() == 0, second.text
     finally:
         await second.kill()
-    assert "stopping embedded PostgreSQL" in second.text
-    await asyncio.sleep(0)
+    records = [json.loads(line) for line in second.log]  # every line is JSON
+    assert any(r["message"] == "server stopped" for r in records)
+    assert not postgres_running(data_dir)
+
+
+def postgres_running(data_dir: Path) -> bool:
+    return (data_dir / "postmaster.pid").exists()

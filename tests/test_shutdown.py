@@ -26,7 +26,7 @@ from tests.support import (
 )
 
 IN_FLIGHT = 50
-DRAIN_SECONDS = 1.0
+DRAIN_SECONDS = 2.0
 
 
 async def waiting_on_lock(url: str) -> int:
