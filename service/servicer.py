@@ -6,6 +6,7 @@ Errors are raised, never turned into statuses here: errors.py does that.
 """
 
 from typing import Any
+from uuid import UUID
 
 import grpc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -120,10 +121,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
     async def DeleteUser(
         self, request: pb.DeleteUserRequest, context: Context
     ) -> pb.DeleteUserResponse:
-        check = Violations()
-        user_id = check.id("id", request.id)
-        version = check.etag("etag", request.etag)
-        check.raise_if_any()
+        user_id, version = _id_and_etag(request)
         async with self._sessions.begin() as session:
             user = await users.delete(session, user_id, expected_version=version)
         return pb.DeleteUserResponse(user=to_proto(user))
@@ -131,10 +129,16 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
     async def UndeleteUser(
         self, request: pb.UndeleteUserRequest, context: Context
     ) -> pb.UndeleteUserResponse:
-        check = Violations()
-        user_id = check.id("id", request.id)
-        version = check.etag("etag", request.etag)
-        check.raise_if_any()
+        user_id, version = _id_and_etag(request)
         async with self._sessions.begin() as session:
             user = await users.undelete(session, user_id, expected_version=version)
         return pb.UndeleteUserResponse(user=to_proto(user))
+
+
+def _id_and_etag(request: pb.DeleteUserRequest | pb.UndeleteUserRequest) -> tuple[UUID, int | None]:
+    """The user id and the expected version of a Delete or Undelete request."""
+    check = Violations()
+    user_id = check.id("id", request.id)
+    version = check.etag("etag", request.etag)
+    check.raise_if_any()
+    return user_id, version

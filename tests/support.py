@@ -90,6 +90,36 @@ async def eventually(
     assert last == expected
 
 
+async def hold_row_lock(url: str, user_id: str) -> asyncpg.Connection:
+    """A connection whose open transaction locks the user's row until it closes."""
+    connection = await asyncpg.connect(asyncpg_dsn(url))
+    await connection.execute("BEGIN")
+    await connection.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", uuid.UUID(user_id))
+    return connection
+
+
+async def service_queries_waiting_for_locks(url: str) -> int:
+    """How many of the service's statements are blocked on a lock right now."""
+    rows = await run_sql(
+        url,
+        "SELECT count(*) AS n FROM pg_stat_activity "
+        "WHERE application_name = 'pat-users' AND wait_event_type = 'Lock'",
+    )
+    return int(rows[0]["n"])
+
+
+USER_SERVICE_RPCS = (
+    "CreateUser",
+    "GetUser",
+    "BatchGetUsers",
+    "LookupUser",
+    "ListUsers",
+    "UpdateUser",
+    "DeleteUser",
+    "UndeleteUser",
+)
+
+
 def unique_email(prefix: str = "user") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}@example.com"
 

@@ -4,18 +4,18 @@ import asyncio
 import uuid
 from collections.abc import Callable
 
-import asyncpg
 import grpc
 
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
 from service.migrations import upgrade_to_head
 from tests.support import (
-    asyncpg_dsn,
     create_user,
     eventually,
     fails,
+    hold_row_lock,
     run_sql,
+    service_queries_waiting_for_locks,
     serving,
     user_service,
 )
@@ -38,23 +38,6 @@ async def test_unreachable_database_is_unavailable() -> None:
         assert "secret" not in failure.message
 
 
-async def hold_row_lock(url: str, user_id: str) -> asyncpg.Connection:
-    """A connection whose open transaction locks the user's row."""
-    connection = await asyncpg.connect(asyncpg_dsn(url))
-    await connection.execute("BEGIN")
-    await connection.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", uuid.UUID(user_id))
-    return connection
-
-
-async def service_queries_waiting(url: str) -> int:
-    rows = await run_sql(
-        url,
-        "SELECT count(*) AS n FROM pg_stat_activity "
-        "WHERE application_name = 'pat-users' AND wait_event_type = 'Lock'",
-    )
-    return int(rows[0]["n"])
-
-
 async def test_caller_deadline_cancels_the_database_work(
     new_database: Callable[[], str],
 ) -> None:
@@ -68,7 +51,7 @@ async def test_caller_deadline_cancels_the_database_work(
             failure = await fails(stub.UpdateUser(request, timeout=0.5))
             assert failure.code == grpc.StatusCode.DEADLINE_EXCEEDED
             # The blocked UPDATE is cancelled in PostgreSQL, not left waiting for the lock.
-            await eventually(lambda: service_queries_waiting(url), 0)
+            await eventually(lambda: service_queries_waiting_for_locks(url), 0)
         finally:
             await lock.close()
         # Nothing was written, and the pool is healthy again.
@@ -109,7 +92,9 @@ async def test_exhausted_pool_is_unavailable(new_database: Callable[[], str]) ->
                     pb.UpdateUserRequest(user=user_pb2.User(id=user.id, display_name="x"))
                 )
             )
-            await eventually(lambda: service_queries_waiting(url), 1)  # the one connection waits
+            await eventually(
+                lambda: service_queries_waiting_for_locks(url), 1
+            )  # the one connection waits
             failure = await fails(stub.GetUser(pb.GetUserRequest(id=user.id), timeout=10))
             assert failure.code == grpc.StatusCode.UNAVAILABLE
             assert_no_internals(failure.message)

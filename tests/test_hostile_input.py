@@ -16,7 +16,7 @@ from google.protobuf import field_mask_pb2
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
-from tests.support import create_user, fails, table_rows
+from tests.support import USER_SERVICE_RPCS, create_user, fails, table_rows
 
 HOSTILE = {
     "empty": "",
@@ -231,17 +231,6 @@ async def test_nil_uuid_is_simply_not_found(stub: UserServiceStub) -> None:
     assert failure.code == grpc.StatusCode.NOT_FOUND
 
 
-RPCS = [
-    "CreateUser",
-    "GetUser",
-    "BatchGetUsers",
-    "LookupUser",
-    "ListUsers",
-    "UpdateUser",
-    "DeleteUser",
-    "UndeleteUser",
-]
-
 UNDECODABLE = {
     "corrupt-wire-format": b"\xff\xff\xff",
     # field 1 (a string in every request but ListUsers) holding bytes that are not UTF-8
@@ -252,7 +241,7 @@ UNDECODABLE = {
 
 
 @pytest.mark.parametrize("payload", UNDECODABLE.values(), ids=UNDECODABLE.keys())
-@pytest.mark.parametrize("rpc", RPCS)
+@pytest.mark.parametrize("rpc", USER_SERVICE_RPCS)
 async def test_undecodable_bytes_are_invalid_argument(
     channel: grpc.aio.Channel, database_url: str, rpc: str, payload: bytes
 ) -> None:

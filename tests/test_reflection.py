@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from service.server import RunningServer
+from tests.support import USER_SERVICE_RPCS
 
 BUF = shutil.which("buf") or str(Path(sys.executable).parent / "buf")
 
@@ -37,18 +38,6 @@ async def test_lists_every_service(server: RunningServer, channel: object) -> No
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     }
-
-
-USER_SERVICE_RPCS = (
-    "CreateUser",
-    "GetUser",
-    "BatchGetUsers",
-    "LookupUser",
-    "ListUsers",
-    "UpdateUser",
-    "DeleteUser",
-    "UndeleteUser",
-)
 
 
 async def test_lists_user_service_methods(server: RunningServer, channel: object) -> None:

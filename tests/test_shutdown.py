@@ -6,7 +6,6 @@ import time
 import uuid
 from collections.abc import Callable
 
-import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -16,26 +15,18 @@ from pat.users.v1.user_service_pb2_grpc import UserServiceStub
 from service.migrations import upgrade_to_head
 from tests.support import (
     ServiceProcess,
-    asyncpg_dsn,
     create_user,
     eventually,
     fails,
+    hold_row_lock,
     run_sql,
+    service_queries_waiting_for_locks,
     subprocess_env,
     wait_until_serving,
 )
 
 IN_FLIGHT = 50
 DRAIN_SECONDS = 2.0
-
-
-async def waiting_on_lock(url: str) -> int:
-    rows = await run_sql(
-        url,
-        "SELECT count(*) AS n FROM pg_stat_activity "
-        "WHERE application_name = 'pat-users' AND wait_event_type = 'Lock'",
-    )
-    return int(rows[0]["n"])
 
 
 async def health_status(address: str) -> int:
@@ -68,9 +59,7 @@ async def test_sigterm_drains_finishes_in_flight_rpcs_and_exits_0(
             user = await create_user(stub)
 
             # Hold the user's row so that every UpdateUser is still running at SIGTERM.
-            lock = await asyncpg.connect(asyncpg_dsn(url))
-            await lock.execute("BEGIN")
-            await lock.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", uuid.UUID(user.id))
+            lock = await hold_row_lock(url, user.id)
             in_flight = [
                 asyncio.ensure_future(
                     stub.UpdateUser(
@@ -80,7 +69,7 @@ async def test_sigterm_drains_finishes_in_flight_rpcs_and_exits_0(
                 )
                 for i in range(IN_FLIGHT)
             ]
-            await eventually(lambda: waiting_on_lock(url), IN_FLIGHT, within=10)
+            await eventually(lambda: service_queries_waiting_for_locks(url), IN_FLIGHT, within=10)
 
             child.process.send_signal(signal.SIGTERM)
             term_sent = time.monotonic()
