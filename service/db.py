@@ -39,13 +39,13 @@ def normalize_url(raw: str, variable: str = "DATABASE_URL") -> URL:
     return url.set(drivername="postgresql+asyncpg")
 
 
-def create_engine(url: URL, settings: Settings) -> AsyncEngine:
-    """The engine every RPC, the health watcher and migrations share."""
+def create_engine(url: URL, settings: Settings, *, pool_size: int | None = None) -> AsyncEngine:
+    """An engine with the configured pool, or a fixed `pool_size` and no overflow."""
     statement_timeout_ms = int(settings.db_statement_timeout_seconds * 1000)
     return create_async_engine(
         url,
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_max_overflow,
+        pool_size=pool_size or settings.db_pool_size,
+        max_overflow=0 if pool_size else settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,
         connect_args={
             "timeout": settings.db_connect_timeout_seconds,

@@ -4,6 +4,9 @@ Both "" (the whole server) and pat.users.v1.UserService report SERVING only
 while the database answers and its schema is at the migrations' head; the
 watcher re-checks every HEALTH_CHECK_INTERVAL_SECONDS, so an outage shows as
 NOT_SERVING within interval + timeout (1.5 s by default).
+
+The watcher has a connection of its own: a pool busy with RPCs is load, not
+an outage, and must not take the server out of a load balancer's rotation.
 """
 
 import asyncio
@@ -27,10 +30,18 @@ class DatabaseHealth:
     """Keeps the health servicer's statuses in step with the database."""
 
     def __init__(
-        self, engine: AsyncEngine, head_revision: str, *, interval: float, timeout: float = 1.0
+        self,
+        engine: AsyncEngine,
+        app_engine: AsyncEngine,
+        head_revision: str,
+        *,
+        interval: float,
+        timeout: float = 1.0,
     ) -> None:
+        """`engine` is the watcher's own; `app_engine` the one RPCs use."""
         self.servicer = health.aio.HealthServicer()
         self._engine = engine
+        self._app_engine = app_engine
         self._head_revision = head_revision
         self._interval = interval
         self._timeout = timeout
@@ -43,9 +54,10 @@ class DatabaseHealth:
         self._task = asyncio.create_task(self._watch(), name="database-health")
 
     async def enter_graceful_shutdown(self) -> None:
-        """NOT_SERVING for good: later database checks change nothing."""
+        """NOT_SERVING for good: the watcher stops and closes its connection."""
         await self._stop_watching()
         await self.servicer.enter_graceful_shutdown()
+        await self._engine.dispose()
 
     async def _stop_watching(self) -> None:
         if self._task is not None:
@@ -54,20 +66,25 @@ class DatabaseHealth:
 
     async def _watch(self) -> None:
         while True:
-            await self.check_once()
+            await self._check_once()
             await asyncio.sleep(self._interval)
 
-    async def check_once(self) -> bool:
+    async def _check_once(self) -> None:
         reason = await self._problem()
         serving = reason is None
-        if serving != self._serving:
-            if serving:
-                logger.info("database ready; health is SERVING")
-            else:
-                logger.warning("health is NOT_SERVING: %s", reason)
-            self._serving = serving
-            await self._set_all(SERVING if serving else NOT_SERVING)
-        return serving
+        if serving == self._serving:
+            return
+        if not serving:
+            logger.warning("health is NOT_SERVING: %s", reason)
+        elif self._serving is None:
+            logger.info("database ready; health is SERVING")
+        else:
+            # Pooled connections from before the outage are dead; without this,
+            # the first RPC on each of them would fail.
+            await self._app_engine.dispose()
+            logger.info("database is back; pool renewed; health is SERVING")
+        self._serving = serving
+        await self._set_all(SERVING if serving else NOT_SERVING)
 
     async def _problem(self) -> str | None:
         """Why the service cannot serve now, or None if it can."""

@@ -52,9 +52,13 @@ class RunningServer:
 
 
 async def start(settings: Settings, database_url: str) -> RunningServer:
-    engine = create_engine(normalize_url(database_url), settings)
+    url = normalize_url(database_url)
+    engine = create_engine(url, settings)
     health = DatabaseHealth(
-        engine, head_revision(), interval=settings.health_check_interval_seconds
+        create_engine(url, settings, pool_size=1),
+        engine,
+        head_revision(),
+        interval=settings.health_check_interval_seconds,
     )
     server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
     user_service_pb2_grpc.add_UserServiceServicer_to_server(

@@ -5,6 +5,7 @@ import uuid
 from collections.abc import Callable
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
@@ -98,9 +99,18 @@ async def test_exhausted_pool_is_unavailable(new_database: Callable[[], str]) ->
             failure = await fails(stub.GetUser(pb.GetUserRequest(id=user.id), timeout=10))
             assert failure.code == grpc.StatusCode.UNAVAILABLE
             assert_no_internals(failure.message)
+            # A busy pool is load, not an outage: health keeps saying SERVING.
+            await asyncio.sleep(1.5)  # several health checks
+            assert await health_check(running.port) == health_pb2.HealthCheckResponse.SERVING
         finally:
             await lock.close()
         assert (await blocked).user.display_name == "x"
+
+
+async def health_check(port: int) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        return int((await health.Check(health_pb2.HealthCheckRequest(), timeout=2)).status)
 
 
 async def test_unexpected_error_is_generic_internal(new_database: Callable[[], str]) -> None:

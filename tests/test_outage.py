@@ -57,20 +57,30 @@ async def test_outage_flips_health_and_fails_fast_then_recovers(own_postgres: An
         await wait_for_status(health, SERVING, limit=5)
         user = await create_user(stub)
 
+        # Outage 1, with RPCs during it: they fail fast and retryably.
         await asyncio.to_thread(own_postgres._stop)
         flip = await wait_for_status(health, NOT_SERVING, limit=2)
-
         started = time.monotonic()
         failure = await fails(stub.GetUser(pb.GetUserRequest(id=user.id), timeout=10))
         assert failure.code == grpc.StatusCode.UNAVAILABLE
-        assert time.monotonic() - started < 2  # fails fast, well before the deadline
+        assert time.monotonic() - started < 2  # well before the caller's deadline
         new_user = user_pb2.User(email=unique_email())
         create = await fails(stub.CreateUser(pb.CreateUserRequest(user=new_user), timeout=10))
         assert create.code == grpc.StatusCode.UNAVAILABLE
 
         await asyncio.to_thread(own_postgres.ensure_postgres_running)
         await wait_for_status(health, SERVING, limit=5)
-        fetched = (await stub.GetUser(pb.GetUserRequest(id=user.id), timeout=10)).user
-        assert fetched == user
-        assert (await create_user(stub)).id
+        assert (await stub.GetUser(pb.GetUserRequest(id=user.id), timeout=10)).user == user
+
+        # Outage 2, with no RPC during it: the pool's dead connections are
+        # renewed on recovery, so the very first calls afterwards succeed.
+        await asyncio.gather(*(create_user(stub) for _ in range(5)))  # several pooled connections
+        await asyncio.to_thread(own_postgres._stop)
+        await wait_for_status(health, NOT_SERVING, limit=2)
+        await asyncio.to_thread(own_postgres.ensure_postgres_running)
+        await wait_for_status(health, SERVING, limit=5)
+        replies = await asyncio.gather(
+            *(stub.GetUser(pb.GetUserRequest(id=user.id), timeout=10) for _ in range(5))
+        )
+        assert all(reply.user == user for reply in replies)
     print(f"health flipped to NOT_SERVING {flip:.2f}s after PostgreSQL stopped")
