@@ -18,7 +18,11 @@ from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 USER_SERVICE_NAME = "pat.users.v1.UserService"
+# Readiness: can this server answer UserService calls now?
 SERVICE_NAMES = ("", USER_SERVICE_NAME)
+# Liveness: is the process itself responsive? SERVING from start to shutdown,
+# whatever the database does, so that an outage does not restart every pod.
+LIVENESS_NAME = "liveness"
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -50,11 +54,12 @@ class DatabaseHealth:
 
     async def start(self) -> None:
         """NOT_SERVING until the first check passes, then keep watching."""
+        await self.servicer.set(LIVENESS_NAME, SERVING)
         await self._set_all(NOT_SERVING)
         self._task = asyncio.create_task(self._watch(), name="database-health")
 
     async def enter_graceful_shutdown(self) -> None:
-        """NOT_SERVING for good: the watcher stops and closes its connection."""
+        """Every name NOT_SERVING for good; the watcher stops and closes its connection."""
         await self._stop_watching()
         await self.servicer.enter_graceful_shutdown()
         await self._engine.dispose()

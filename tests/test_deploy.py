@@ -306,7 +306,8 @@ def test_deployment_probes_are_native_grpc(probe_name: str) -> None:
     probe = container()[probe_name]
     assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}
     assert probe["grpc"]["port"] == grpc_container_port()["containerPort"] == GRPC_PORT
-    assert probe["grpc"].get("service", "") == ""  # the whole server
+    expected = "" if probe_name == "readinessProbe" else "liveness"
+    assert probe["grpc"].get("service", "") == expected
 
 
 def test_deployment_termination_grace_outlasts_the_graceful_stop() -> None:

@@ -30,6 +30,15 @@ async def test_serving_when_migrated_and_reachable(
     assert await check(server.port, service) == SERVING
 
 
+async def test_liveness_stays_serving_while_the_database_is_unreachable() -> None:
+    nowhere = "postgresql://pat:secret@127.0.0.1:9/pat"  # discard port: connection refused
+    async with serving(nowhere) as running:
+        await asyncio.sleep(0.5)  # the watcher has looked
+        assert await check(running.port, "liveness") == SERVING
+        assert await check(running.port, "") == NOT_SERVING
+        assert await check(running.port, USER_SERVICE_NAME) == NOT_SERVING
+
+
 async def test_unknown_service_is_not_found(
     server: RunningServer, channel: grpc.aio.Channel
 ) -> None:
