@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
+from service.health import USER_SERVICE_NAME
 from service.migrations import upgrade_to_head
 from tests.support import create_user, fails, serving, unique_email, user_service
 
@@ -56,6 +57,9 @@ async def test_outage_flips_health_and_fails_fast_then_recovers(own_postgres: An
         health = health_pb2_grpc.HealthStub(channel)
         await wait_for_status(health, SERVING, limit=5)
         user = await create_user(stub)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=USER_SERVICE_NAME))
+        updates = aiter(watch)
+        assert (await anext(updates)).status == SERVING
 
         # Outage 1, with RPCs during it: they fail fast and retryably.
         await asyncio.to_thread(own_postgres._stop)
@@ -71,6 +75,9 @@ async def test_outage_flips_health_and_fails_fast_then_recovers(own_postgres: An
         await asyncio.to_thread(own_postgres.ensure_postgres_running)
         await wait_for_status(health, SERVING, limit=5)
         assert (await stub.GetUser(pb.GetUserRequest(id=user.id), timeout=10)).user == user
+        # Watch streamed both changes.
+        assert [(await anext(updates)).status for _ in range(2)] == [NOT_SERVING, SERVING]
+        watch.cancel()
 
         # Outage 2, with no RPC during it: the pool's dead connections are
         # renewed on recovery, so the very first calls afterwards succeed.

@@ -85,7 +85,13 @@ async def test_sigterm_drains_finishes_in_flight_rpcs_and_exits_0(
                 refused = await fails(
                     UserServiceStub(late).GetUser(pb.GetUserRequest(id=user.id), timeout=2)
                 )
+                health_refused = await fails(
+                    health_pb2_grpc.HealthStub(late).Check(
+                        health_pb2.HealthCheckRequest(), timeout=2
+                    )
+                )
             assert refused.code == grpc.StatusCode.UNAVAILABLE
+            assert health_refused.code == grpc.StatusCode.UNAVAILABLE  # even Health/Check
 
             await lock.close()  # let the in-flight RPCs finish
             released = time.monotonic()
