@@ -23,9 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support import subprocess_env
+from tests.support import PROJECT_ROOT, TEST_PAGE_TOKEN_SECRET, subprocess_env
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
 DOCKERIGNORE = PROJECT_ROOT / ".dockerignore"
@@ -144,6 +143,12 @@ def probe(port: int) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_probe_fails_when_nothing_serves() -> None:
+    result = probe(free_port())
+    assert result.returncode == 1
+    assert "health check failed: UNAVAILABLE" in result.stderr
+
+
 def test_api_command_migrates_serves_and_stops_on_sigterm(
     new_database: Callable[[], str], tmp_path: Path
 ) -> None:
@@ -153,7 +158,7 @@ def test_api_command_migrates_serves_and_stops_on_sigterm(
         GRPC_PORT=str(port),
         SHUTDOWN_DRAIN_SECONDS="0",
         LOG_FORMAT=str(compose()["services"]["api"]["environment"]["LOG_FORMAT"]),
-        PAGE_TOKEN_SECRET="test-page-token-secret",
+        PAGE_TOKEN_SECRET=TEST_PAGE_TOKEN_SECRET,
         PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     )
     log_path = tmp_path / "api.log"
