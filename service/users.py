@@ -1,7 +1,7 @@
 """The queries behind UserService: plain functions that take an AsyncSession.
 
 This layer knows SQL and the domain errors, not gRPC. Writes return what they
-wrote (`... RETURNING`), so each RPC costs one round trip on its normal path.
+wrote (`... RETURNING`), so the normal path of each RPC is one statement.
 """
 
 import hashlib
