@@ -23,12 +23,34 @@ from service.server import start
 logger = logging.getLogger("service")
 
 
-async def serve(settings: Settings, database_url: str) -> None:
-    running = await start(settings, database_url)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StartupSignals:
+    """Until the event loop takes over, a stop signal is noted, not obeyed at once.
+
+    Start-up then ends at the next step boundary, so an embedded PostgreSQL
+    being started, or a migration being applied, is never cut off half-way.
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._note)
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.received = signal.Signals(signum).name
+        logger.info("received %s during start-up; stopping", self.received)
+
+
+async def serve(settings: Settings, database_url: str, startup: StartupSignals) -> None:
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, _on_signal, signum, stop_requested)
+    if startup.received:
+        return
+    running = await start(settings, database_url)
     await stop_requested.wait()
     await running.stop(
         drain_seconds=settings.shutdown_drain_seconds,
@@ -42,6 +64,7 @@ def _on_signal(signum: int, stop_requested: asyncio.Event) -> None:
 
 
 def main() -> int:
+    startup = StartupSignals()
     try:
         settings = Settings()
         if settings.database_url is not None:
@@ -51,12 +74,13 @@ def main() -> int:
         return 2
     configure_logging(settings)
     if settings.database_url is not None:
-        asyncio.run(serve(settings, settings.database_url))
+        asyncio.run(serve(settings, settings.database_url, startup))
         return 0
     try:
         with embedded_postgres(settings.embedded_pg_dir) as database_url:
-            upgrade_to_head(database_url)
-            asyncio.run(serve(settings, database_url))
+            if not startup.received:
+                upgrade_to_head(database_url)
+            asyncio.run(serve(settings, database_url, startup))
     except EmbeddedPostgresMissing as error:
         print(f"pat-users: configuration error: {error}", file=sys.stderr)
         return 2

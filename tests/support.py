@@ -231,11 +231,12 @@ async def wait_until_serving(
 class ServiceProcess:
     """`python -m service` as a child process, its log collected as it runs."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, until: str) -> None:
         self.process = process
         self.log: list[str] = []
         self.port = 0
-        self._port_found = asyncio.Event()
+        self._until = until
+        self._reached = asyncio.Event()
         self._reader = asyncio.ensure_future(self._read_log())
 
     @classmethod
@@ -244,8 +245,12 @@ class ServiceProcess:
         env: dict[str, str],
         timeout: float = 60,
         command: Sequence[str] = (sys.executable, "-m", "service"),
+        until: str = "listening on port",
     ) -> "ServiceProcess":
-        """Start `command` in a process group of its own, as a terminal would."""
+        """Start `command` in a process group of its own, as a terminal would.
+
+        Returns once a log line contains `until` (by default: the port is open).
+        """
         process = await asyncio.create_subprocess_exec(
             *command,
             cwd=PROJECT_ROOT,
@@ -255,10 +260,10 @@ class ServiceProcess:
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
-        child = cls(process)
+        child = cls(process, until)
         try:
             async with asyncio.timeout(timeout):
-                await child._port_found.wait()
+                await child._reached.wait()
         except TimeoutError:
             await child.kill()
             raise AssertionError("service did not start:\n" + child.text) from None
@@ -271,7 +276,8 @@ class ServiceProcess:
             self.log.append(line)
             if match := re.search(r"listening on port (\d+)", line):
                 self.port = int(match.group(1))
-                self._port_found.set()
+            if self._until in line:
+                self._reached.set()
 
     @property
     def text(self) -> str:

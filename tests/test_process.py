@@ -117,3 +117,18 @@ async def test_make_run_serves_with_embedded_postgres_that_keeps_users(tmp_path:
 
 def postgres_running(data_dir: Path) -> bool:
     return (data_dir / "postmaster.pid").exists()
+
+
+async def test_stop_signal_during_start_up_stops_embedded_postgres_too(tmp_path: Path) -> None:
+    data_dir = tmp_path / "pgdata"
+    env = subprocess_env(EMBEDDED_PG_DIR=str(data_dir), GRPC_PORT="0")
+    child = await ServiceProcess.start(env, until="starting embedded PostgreSQL")
+    try:
+        child.process.send_signal(signal.SIGTERM)  # while PostgreSQL is being created
+        assert await child.wait() == 0, child.text
+    finally:
+        await child.kill()
+    assert "received SIGTERM during start-up" in child.text
+    assert "listening on port" not in child.text
+    assert "stopping embedded PostgreSQL" in child.text
+    assert not postgres_running(data_dir)
