@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     # 0 picks a free port; the chosen one is logged.
     grpc_port: int = Field(default=50051, ge=0, le=65535)
 
+    # Clients keep one HTTP/2 connection for good; closing it after this age
+    # (politely, with GOAWAY) makes them reconnect and spread over new replicas.
+    grpc_max_connection_age_seconds: float = Field(default=300, gt=0)
+    # How long calls on such a connection may still run before it is cut.
+    grpc_max_connection_age_grace_seconds: float = Field(default=30, ge=0)
+
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
     # How long an RPC waits for a pooled connection before UNAVAILABLE.

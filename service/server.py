@@ -60,7 +60,16 @@ async def start(settings: Settings, database_url: str) -> RunningServer:
         head_revision(),
         interval=settings.health_check_interval_seconds,
     )
-    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
+    server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor()],
+        options=[
+            ("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age_seconds * 1000)),
+            (
+                "grpc.max_connection_age_grace_ms",
+                int(settings.grpc_max_connection_age_grace_seconds * 1000),
+            ),
+        ],
+    )
     user_service_pb2_grpc.add_UserServiceServicer_to_server(
         UserService(create_sessions(engine), PageTokens(_page_token_secret(settings))), server
     )

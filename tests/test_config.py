@@ -1,5 +1,7 @@
 """DATABASE_URL: one value for the app and Alembic, in either accepted form."""
 
+import asyncio
+
 import grpc
 import pytest
 
@@ -55,3 +57,30 @@ async def test_service_runs_on_a_plain_postgresql_url(database_url: str) -> None
         user = await create_user(UserServiceStub(channel))
     rows = await run_sql(database_url, "SELECT email FROM users")
     assert [row["email"] for row in rows] == [user.email]
+
+
+async def wait_for_state(
+    channel: grpc.aio.Channel, wanted: grpc.ChannelConnectivity, within: float
+) -> bool:
+    async with asyncio.timeout(within):
+        while (state := channel.get_state()) != wanted:
+            await channel.wait_for_state_change(state)
+    return True
+
+
+@pytest.mark.parametrize(("age", "expect_closed"), [(1.0, True), (300.0, False)])
+async def test_connections_are_closed_after_max_age(
+    database_url: str, age: float, expect_closed: bool
+) -> None:
+    async with (
+        serving(database_url, grpc_max_connection_age_seconds=age) as running,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        await create_user(UserServiceStub(channel))
+        assert channel.get_state() == grpc.ChannelConnectivity.READY
+        try:
+            closed = await wait_for_state(channel, grpc.ChannelConnectivity.IDLE, within=4)
+        except TimeoutError:
+            closed = False
+        assert closed is expect_closed
+        assert (await create_user(UserServiceStub(channel))).id  # reconnects transparently
