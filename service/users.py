@@ -17,8 +17,14 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.errors import EmailTaken, EtagMismatch, NotDeleted, NotFound, RequestIdReused
-from service.errors import is_unique_violation as _is_unique_violation
+from service.errors import (
+    EmailTaken,
+    EtagMismatch,
+    NotDeleted,
+    NotFound,
+    RequestIdReused,
+    is_unique_violation,
+)
 from service.models import User
 
 MUTABLE_FIELDS = ("email", "display_name")
@@ -163,7 +169,7 @@ async def _write(
     try:
         written = (await session.scalars(statement)).one_or_none()
     except IntegrityError as error:
-        if _is_unique_violation(error):
+        if is_unique_violation(error):
             raise EmailTaken() from None
         raise
     if written is None:

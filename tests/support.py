@@ -120,6 +120,19 @@ USER_SERVICE_RPCS = (
 )
 
 
+# Nothing listens on the discard port: connecting is refused at once.
+UNREACHABLE_DATABASE_URL = "postgresql://pat:secret@127.0.0.1:9/pat"
+
+
+async def health_status(address: str, service: str = "") -> int:
+    """Health/Check's answer, asked on a fresh channel as a probe would."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
+        return int(reply.status)
+
+
 def unique_email(prefix: str = "user") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}@example.com"
 

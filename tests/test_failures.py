@@ -5,15 +5,17 @@ import uuid
 from collections.abc import Callable
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
 from service.migrations import upgrade_to_head
 from tests.support import (
+    UNREACHABLE_DATABASE_URL,
     create_user,
     eventually,
     fails,
+    health_status,
     hold_row_lock,
     run_sql,
     service_queries_waiting_for_locks,
@@ -31,8 +33,7 @@ def assert_no_internals(message: str) -> None:
 
 
 async def test_unreachable_database_is_unavailable() -> None:
-    nowhere = "postgresql://pat:secret@127.0.0.1:9/pat"  # discard port: connection refused
-    async with serving(nowhere) as running, user_service(running) as stub:
+    async with serving(UNREACHABLE_DATABASE_URL) as running, user_service(running) as stub:
         failure = await fails(stub.GetUser(pb.GetUserRequest(id=str(uuid.uuid4())), timeout=10))
         assert failure.code == grpc.StatusCode.UNAVAILABLE
         assert_no_internals(failure.message)
@@ -101,16 +102,13 @@ async def test_exhausted_pool_is_unavailable(new_database: Callable[[], str]) ->
             assert_no_internals(failure.message)
             # A busy pool is load, not an outage: health keeps saying SERVING.
             await asyncio.sleep(1.5)  # several health checks
-            assert await health_check(running.port) == health_pb2.HealthCheckResponse.SERVING
+            assert (
+                await health_status(f"127.0.0.1:{running.port}")
+                == health_pb2.HealthCheckResponse.SERVING
+            )
         finally:
             await lock.close()
         assert (await blocked).user.display_name == "x"
-
-
-async def health_check(port: int) -> int:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        return int((await health.Check(health_pb2.HealthCheckRequest(), timeout=2)).status)
 
 
 async def test_unexpected_error_is_generic_internal(new_database: Callable[[], str]) -> None:

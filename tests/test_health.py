@@ -10,33 +10,29 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.health import USER_SERVICE_NAME
 from service.migrations import upgrade_to_head
 from service.server import RunningServer
-from tests.support import fails, serving
+from tests.support import UNREACHABLE_DATABASE_URL, fails, health_status, serving
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-async def check(port: int, service: str = "") -> int:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-        return int(reply.status)
+def address(running: RunningServer) -> str:
+    return f"127.0.0.1:{running.port}"
 
 
 @pytest.mark.parametrize("service", ["", USER_SERVICE_NAME])
 async def test_serving_when_migrated_and_reachable(
     server: RunningServer, channel: grpc.aio.Channel, service: str
 ) -> None:
-    assert await check(server.port, service) == SERVING
+    assert await health_status(address(server), service) == SERVING
 
 
 async def test_liveness_stays_serving_while_the_database_is_unreachable() -> None:
-    nowhere = "postgresql://pat:secret@127.0.0.1:9/pat"  # discard port: connection refused
-    async with serving(nowhere) as running:
+    async with serving(UNREACHABLE_DATABASE_URL) as running:
         await asyncio.sleep(0.5)  # the watcher has looked
-        assert await check(running.port, "liveness") == SERVING
-        assert await check(running.port, "") == NOT_SERVING
-        assert await check(running.port, USER_SERVICE_NAME) == NOT_SERVING
+        assert await health_status(address(running), "liveness") == SERVING
+        assert await health_status(address(running), "") == NOT_SERVING
+        assert await health_status(address(running), USER_SERVICE_NAME) == NOT_SERVING
 
 
 async def test_unknown_service_is_not_found(
@@ -58,10 +54,10 @@ async def test_not_serving_until_migrations_reach_head(new_database: Callable[[]
         updates = aiter(watch)
         assert (await anext(updates)).status == NOT_SERVING
         await asyncio.sleep(0.5)  # several watcher rounds: still not serving
-        assert await check(running.port) == NOT_SERVING
+        assert await health_status(address(running)) == NOT_SERVING
 
         await asyncio.to_thread(upgrade_to_head, url)
         async with asyncio.timeout(5):
             assert (await anext(updates)).status == SERVING  # Watch streams the change
-        assert await check(running.port) == SERVING
+        assert await health_status(address(running)) == SERVING
         watch.cancel()

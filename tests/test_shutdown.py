@@ -18,6 +18,7 @@ from tests.support import (
     create_user,
     eventually,
     fails,
+    health_status,
     hold_row_lock,
     run_sql,
     service_queries_waiting_for_locks,
@@ -27,14 +28,6 @@ from tests.support import (
 
 IN_FLIGHT = 50
 DRAIN_SECONDS = 2.0
-
-
-async def health_status(address: str) -> int:
-    async with grpc.aio.insecure_channel(address) as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=2
-        )
-        return int(reply.status)
 
 
 async def test_sigterm_drains_finishes_in_flight_rpcs_and_exits_0(
