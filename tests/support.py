@@ -40,6 +40,7 @@ _DETAIL_TYPES: list[type[Message]] = [
     error_details_pb2.ResourceInfo,
     error_details_pb2.ErrorInfo,
     error_details_pb2.PreconditionFailure,
+    error_details_pb2.RetryInfo,
 ]
 
 
@@ -65,7 +66,11 @@ async def fails(call: Awaitable[Any]) -> Failure:
     """Await an RPC that must fail and return its status with unpacked details."""
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await call
-    error = raised.value
+    return failure_of(raised.value)
+
+
+def failure_of(error: grpc.aio.AioRpcError) -> Failure:
+    """The status of a failed RPC with unpacked details, e.g. from asyncio.gather."""
     status = rpc_status.from_call(error)
     details = [_unpack(d) for d in status.details] if status is not None else []
     return Failure(error.code(), error.details() or "", details)
@@ -98,12 +103,20 @@ async def hold_row_lock(url: str, user_id: str) -> asyncpg.Connection:
     return connection
 
 
-async def service_queries_waiting_for_locks(url: str) -> int:
-    """How many of the service's statements are blocked on a lock right now."""
+async def service_queries_waiting_for_locks(url: str, starting_with: str = "") -> int:
+    """How many of the service's statements in `url`'s database are blocked on a lock now.
+
+    `starting_with` narrows the count to statements whose SQL begins so (say
+    "UPDATE users"): the health watcher and other servers' pools on the same
+    PostgreSQL share the application_name, and a count that includes them can
+    make a test pass for the wrong reason.
+    """
     rows = await run_sql(
         url,
         "SELECT count(*) AS n FROM pg_stat_activity "
-        "WHERE application_name = 'pat-users' AND wait_event_type = 'Lock'",
+        "WHERE datname = current_database() AND application_name = 'pat-users' "
+        "AND state = 'active' AND wait_event_type = 'Lock' AND starts_with(query, $1)",
+        starting_with,
     )
     return int(rows[0]["n"])
 

@@ -1,15 +1,26 @@
 """CreateUser, GetUser, BatchGetUsers and LookupUser through a real channel."""
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import grpc
 from google.rpc import error_details_pb2
 
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
-from tests.support import create_user, fails, run_sql, table_rows, unique_email
+from tests.support import (
+    asyncpg_dsn,
+    create_user,
+    eventually,
+    fails,
+    run_sql,
+    service_queries_waiting_for_locks,
+    table_rows,
+    unique_email,
+)
 
 
 async def test_create_returns_server_assigned_fields(
@@ -142,13 +153,35 @@ async def test_retry_with_same_request_id_returns_first_user(
 async def test_concurrent_retries_with_same_request_id_create_one_user(
     stub: UserServiceStub, database_url: str
 ) -> None:
-    import asyncio
-
+    retries = 10
+    request_id = uuid.uuid4()
     request = pb.CreateUserRequest(
-        user=user_pb2.User(email=unique_email()), request_id=str(uuid.uuid4())
+        user=user_pb2.User(email=unique_email()), request_id=str(request_id)
     )
-    replies = await asyncio.gather(*(stub.CreateUser(request) for _ in range(10)))
-    assert len({reply.user.id for reply in replies}) == 1
+    # Force the retries to overlap: an open transaction that has inserted a row with
+    # the same request_id makes every retry's INSERT wait on the unique index. It
+    # then rolls back, so the retries race each other to create the user, as
+    # retries of one request do, and the one user is theirs.
+    holder = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute(
+            "INSERT INTO users (email, create_request_id) VALUES ($1, $2)",
+            unique_email("holder"),
+            request_id,
+        )
+        calls = [
+            asyncio.ensure_future(stub.CreateUser(request, timeout=30)) for _ in range(retries)
+        ]
+        await eventually(
+            lambda: service_queries_waiting_for_locks(database_url, "INSERT INTO users"), retries
+        )
+        await holder.execute("ROLLBACK")
+    finally:
+        await holder.close()
+    replies = await asyncio.gather(*calls)
+    assert all(reply == replies[0] for reply in replies)
+    assert replies[0].user.email == request.user.email
     assert len(await table_rows(database_url)) == 1
 
 

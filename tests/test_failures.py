@@ -1,8 +1,9 @@
 """What callers see when the database misbehaves: retryable codes, no internals."""
 
 import asyncio
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -40,20 +41,33 @@ async def test_unreachable_database_is_unavailable() -> None:
         assert "secret" not in failure.message
 
 
+# The caller's deadline: short, yet long enough on a busy machine to see the
+# RPC's UPDATE waiting in PostgreSQL before the deadline cancels it.
+CANCEL_DEADLINE = 1.0
+
+
 async def test_caller_deadline_cancels_the_database_work(
     new_database: Callable[[], str],
 ) -> None:
     url = new_database()
     await asyncio.to_thread(upgrade_to_head, url)
+
+    def waiting_updates() -> Awaitable[int]:
+        return service_queries_waiting_for_locks(url, starting_with="UPDATE users")
+
     async with serving(url) as running, user_service(running) as stub:
         user = await create_user(stub)
         lock = await hold_row_lock(url, user.id)
         try:
             request = pb.UpdateUserRequest(user=user_pb2.User(id=user.id, display_name="late"))
-            failure = await fails(stub.UpdateUser(request, timeout=0.5))
+            call = asyncio.ensure_future(fails(stub.UpdateUser(request, timeout=CANCEL_DEADLINE)))
+            # First see the RPC's UPDATE queued behind the lock, before its deadline: had it
+            # never got there, "no UPDATE is waiting" below would prove nothing.
+            await eventually(waiting_updates, 1, within=CANCEL_DEADLINE)
+            failure = await call
             assert failure.code == grpc.StatusCode.DEADLINE_EXCEEDED
             # The blocked UPDATE is cancelled in PostgreSQL, not left waiting for the lock.
-            await eventually(lambda: service_queries_waiting_for_locks(url), 0)
+            await eventually(waiting_updates, 0)
         finally:
             await lock.close()
         # Nothing was written, and the pool is healthy again.
@@ -74,10 +88,17 @@ async def test_statement_timeout_is_deadline_exceeded(new_database: Callable[[],
         lock = await hold_row_lock(url, user.id)
         try:
             request = pb.UpdateUserRequest(user=user_pb2.User(id=user.id, display_name="late"))
+            started = time.monotonic()
             failure = await fails(stub.UpdateUser(request, timeout=10))
+            took = time.monotonic() - started
         finally:
             await lock.close()
         assert failure.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The client's own 10 s deadline would give DEADLINE_EXCEEDED too: the server's
+        # message and a failure well before that deadline show the 0.3 s statement
+        # timeout cut the wait for the lock short.
+        assert failure.message == "the database took too long; the work was cancelled"
+        assert took < 2, f"took {took:.1f}s"
         assert_no_internals(failure.message)
 
 

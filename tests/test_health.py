@@ -1,6 +1,7 @@
 """grpc.health.v1: SERVING only when the schema is at head and the database answers."""
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 import grpc
@@ -10,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.health import USER_SERVICE_NAME
 from service.migrations import upgrade_to_head
 from service.server import RunningServer
-from tests.support import UNREACHABLE_DATABASE_URL, fails, health_status, serving
+from tests.support import UNREACHABLE_DATABASE_URL, eventually, fails, health_status, serving
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -27,9 +28,22 @@ async def test_serving_when_migrated_and_reachable(
     assert await health_status(address(server), service) == SERVING
 
 
-async def test_liveness_stays_serving_while_the_database_is_unreachable() -> None:
+async def test_liveness_stays_serving_while_the_database_is_unreachable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="service.health")
+
+    async def watcher_saw_outage() -> bool:
+        return any(
+            "health is NOT_SERVING: the database is unreachable" in record.getMessage()
+            for record in caplog.records
+        )
+
     async with serving(UNREACHABLE_DATABASE_URL) as running:
-        await asyncio.sleep(0.5)  # the watcher has looked
+        # Readiness is NOT_SERVING from the start anyway: wait until the watcher has
+        # actually found the database unreachable, so liveness is asked after an outage
+        # was seen, not before anyone looked.
+        await eventually(watcher_saw_outage, True)
         assert await health_status(address(running), "liveness") == SERVING
         assert await health_status(address(running), "") == NOT_SERVING
         assert await health_status(address(running), USER_SERVICE_NAME) == NOT_SERVING

@@ -10,7 +10,15 @@ from google.rpc import error_details_pb2
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
-from tests.support import create_user, fails, table_rows
+from tests.support import (
+    create_user,
+    eventually,
+    fails,
+    failure_of,
+    hold_row_lock,
+    service_queries_waiting_for_locks,
+    table_rows,
+)
 
 
 def update(user: user_pb2.User, *paths: str) -> pb.UpdateUserRequest:
@@ -104,17 +112,33 @@ async def test_stale_etag_is_aborted_with_error_info(
     assert await table_rows(database_url) == rows_before
 
 
-async def test_concurrent_updates_with_same_etag_exactly_one_wins(stub: UserServiceStub) -> None:
+async def test_concurrent_updates_with_same_etag_exactly_one_wins(
+    stub: UserServiceStub, database_url: str
+) -> None:
+    writers = 8
     user = await create_user(stub)
     requests = [
         update(user_pb2.User(id=user.id, display_name=f"writer {n}", etag=user.etag))
-        for n in range(8)
+        for n in range(writers)
     ]
-    outcomes = await asyncio.gather(*(stub.UpdateUser(r) for r in requests), return_exceptions=True)
+    # Force the writers to overlap: every one's UPDATE queues behind a lock on the
+    # row, and all of them race for it once it is let go.
+    lock = await hold_row_lock(database_url, user.id)
+    try:
+        calls = [asyncio.ensure_future(stub.UpdateUser(r, timeout=30)) for r in requests]
+        await eventually(
+            lambda: service_queries_waiting_for_locks(database_url, "UPDATE users"), writers
+        )
+    finally:
+        # The lock holder wrote nothing; rolling back leaves the row as the writers read it.
+        await lock.execute("ROLLBACK")
+        await lock.close()
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
     winners = [o for o in outcomes if isinstance(o, pb.UpdateUserResponse)]
-    losers = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
-    assert len(winners) == 1
-    assert [e.code() for e in losers] == [grpc.StatusCode.ABORTED] * 7
+    losers = [failure_of(o) for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(winners) == 1, outcomes
+    assert [f.code for f in losers] == [grpc.StatusCode.ABORTED] * (writers - 1)
+    assert {f.detail(error_details_pb2.ErrorInfo).reason for f in losers} == {"ETAG_MISMATCH"}
     current = (await stub.GetUser(pb.GetUserRequest(id=user.id))).user
     assert current.display_name == winners[0].user.display_name
 
