@@ -1,20 +1,20 @@
 """Domain errors and their one mapping to gRPC statuses with google.rpc details.
 
-Handlers raise; `ErrorMappingInterceptor` turns whatever escapes an RPC into a
-status a caller can act on. Nothing a caller sees carries SQL, tracebacks,
+Handlers raise; the wrapper server.py puts around every UserService handler
+hands whatever escapes an RPC to `abort`, which turns it into a status a
+caller can act on. Nothing a caller sees carries SQL, tracebacks,
 connection strings or another user's data: unexpected errors become a generic
 INTERNAL and their traceback goes to the log only.
 """
 
-from __future__ import annotations  # grpc.RpcMethodHandler is generic only in its stubs
-
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from datetime import timedelta
+from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -28,6 +28,9 @@ ERROR_DOMAIN = "users.pat"
 # SQLSTATEs (PostgreSQL appendix A) that mean "the database is not usable now".
 _UNAVAILABLE_SQLSTATES = {"57P01", "57P02", "57P03", "53000", "53300"}
 _QUERY_CANCELED = "57014"
+# PostgreSQL rolled the transaction back to resolve a conflict with another:
+# the ErrorInfo reason for each; running the call again is safe.
+_CONFLICT_REASONS = {"40P01": "DEADLOCK_DETECTED", "40001": "SERIALIZATION_FAILURE"}
 UNIQUE_VIOLATION = "23505"
 
 
@@ -46,13 +49,41 @@ class FieldViolation:
     description: str
 
 
+# An error's trailers must stay well under a default client's 8 KB metadata
+# limit (past it the caller sees RESOURCE_EXHAUSTED, not the violations):
+# five violations say what to fix; the message counts the rest.
+MAX_LISTED_VIOLATIONS = 5
+# Our own descriptions are shorter; email_validator's can list many characters.
+MAX_DESCRIPTION_LENGTH = 160
+
+
 class InvalidArgument(ServiceError):
+    """Bad request fields: the first MAX_LISTED_VIOLATIONS listed, the rest counted.
+
+    `unlisted` is how many more violations the request has beyond `violations`;
+    a list longer than the cap is cut here and its excess counted too. The
+    count is exact: checks keep counting past the cap, which stays cheap
+    because repeated fields are bounded before any per-element check.
+    """
+
     code = code_pb2.INVALID_ARGUMENT
 
-    def __init__(self, violations: list[FieldViolation]) -> None:
-        fields = ", ".join(v.field for v in violations)
-        super().__init__(f"invalid {fields}: " + "; ".join(v.description for v in violations))
-        self.violations = violations
+    def __init__(self, violations: list[FieldViolation], unlisted: int = 0) -> None:
+        self.violations = [
+            FieldViolation(v.field, _bounded(v.description))
+            for v in violations[:MAX_LISTED_VIOLATIONS]
+        ]
+        self.unlisted = unlisted + len(violations) - len(self.violations)
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        message = "invalid request: " + "; ".join(
+            f"{v.field} {v.description}" for v in self.violations
+        )
+        if self.unlisted:
+            plural = "s" if self.unlisted > 1 else ""
+            message += f"; and {self.unlisted} more violation{plural}"
+        return message
 
     def details(self) -> list[Message]:
         return [
@@ -65,6 +96,18 @@ class InvalidArgument(ServiceError):
                 ]
             )
         ]
+
+
+def _bounded(description: str) -> str:
+    """`description` in ASCII and at most MAX_DESCRIPTION_LENGTH characters.
+
+    grpc-message percent-encodes every non-ASCII byte (up to 12 characters
+    for one code point); escaping keeps the trailers' size a known bound.
+    """
+    ascii_only = description.encode("ascii", "backslashreplace").decode("ascii")
+    if len(ascii_only) <= MAX_DESCRIPTION_LENGTH:
+        return ascii_only
+    return ascii_only[: MAX_DESCRIPTION_LENGTH - 3] + "..."
 
 
 class UndecodableRequest(ServiceError):
@@ -156,12 +199,54 @@ class NotDeleted(ServiceError):
         return [error_details_pb2.PreconditionFailure(violations=[violation])]
 
 
+class Overloaded(ServiceError):
+    """This process has MAX_CONCURRENT_RPCS calls in progress; the call was not started."""
+
+    code = code_pb2.UNAVAILABLE
+    RETRY_DELAY_SECONDS = 0.2
+
+    def __init__(self) -> None:
+        super().__init__("the server is overloaded; retry with backoff")
+
+    def details(self) -> list[Message]:
+        retry_delay = duration_pb2.Duration()
+        retry_delay.FromTimedelta(timedelta(seconds=self.RETRY_DELAY_SECONDS))
+        return [
+            error_details_pb2.ErrorInfo(reason="OVERLOADED", domain=ERROR_DOMAIN),
+            error_details_pb2.RetryInfo(retry_delay=retry_delay),
+        ]
+
+
+class TransactionConflict(ServiceError):
+    """A deadlock or serialization failure rolled the call's transaction back."""
+
+    code = code_pb2.ABORTED
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            "the call conflicted with a concurrent one and was rolled back; retry the call"
+        )
+        self.reason = reason
+
+    def details(self) -> list[Message]:
+        return [error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN)]
+
+
 def _sqlstate(error: sa_exc.DBAPIError) -> str:
     return str(getattr(error.orig, "sqlstate", "") or "")
 
 
 def is_unique_violation(error: sa_exc.DBAPIError) -> bool:
     return _sqlstate(error) == UNIQUE_VIOLATION
+
+
+def _transaction_conflict(error: Exception) -> TransactionConflict | None:
+    """The conflict a deadlock (40P01) or serialization failure (40001) is, or None."""
+    if isinstance(error, sa_exc.DBAPIError):
+        reason = _CONFLICT_REASONS.get(_sqlstate(error))
+        if reason is not None:
+            return TransactionConflict(reason)
+    return None
 
 
 def _infrastructure_status(error: Exception) -> tuple[int, str] | None:
@@ -190,6 +275,10 @@ def to_rpc_status(error: Exception, method: str) -> status_pb2.Status:
     """The one mapping from an exception to what the caller is told."""
     if isinstance(error, ServiceError):
         code, message, details = error.code, str(error), error.details()
+    elif (conflict := _transaction_conflict(error)) is not None:
+        code, message, details = conflict.code, str(conflict), conflict.details()
+        # The driver's own text, without the statement or its parameters.
+        logger.warning("%s aborted (%s): %s", method, conflict.reason, getattr(error, "orig", ""))
     elif (infrastructure := _infrastructure_status(error)) is not None:
         code, message = infrastructure
         details = []
@@ -205,60 +294,30 @@ def to_rpc_status(error: Exception, method: str) -> status_pb2.Status:
     return status_pb2.Status(code=code, message=message, details=packed)
 
 
-Request = TypeVar("Request")
-Response = TypeVar("Response")
-
 # grpc's stubs type handlers as synchronous; on an aio server they are coroutines.
 Behavior = Callable[[Any, Any], Any]
 
 
-class _Undecodable:
+class Undecodable:
     """Stands in for a request whose bytes did not parse."""
 
 
-def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    # grpc would answer a parse failure with UNKNOWN and the parser's text;
-    # deferring it to the handler lets it become INVALID_ARGUMENT like any bad input.
+def tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """`deserializer`, but undecodable bytes become an `Undecodable` request.
+
+    grpc would answer a parse failure with UNKNOWN and the parser's text;
+    deferring it to the handler lets it become INVALID_ARGUMENT like any bad input.
+    """
+
     def deserialize(data: bytes) -> Any:
         try:
             return deserializer(data)
         except DecodeError:
-            return _Undecodable()
+            return Undecodable()
 
     return deserialize
 
 
-def _with_error_mapping(behavior: Behavior, method: str) -> Behavior:
-    async def mapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        try:
-            if isinstance(request, _Undecodable):
-                raise UndecodableRequest()
-            return await behavior(request, context)
-        except grpc.aio.AbortError:
-            raise  # the handler already chose its status
-        except Exception as error:
-            await context.abort_with_status(rpc_status.to_status(to_rpc_status(error, method)))
-
-    return mapped
-
-
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Applies `to_rpc_status` to every unary RPC of the server."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Request, Response] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Request, Response] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        return grpc.unary_unary_rpc_method_handler(
-            _with_error_mapping(handler.unary_unary, handler_call_details.method),
-            request_deserializer=(
-                _tolerant(handler.request_deserializer) if handler.request_deserializer else None
-            ),
-            response_serializer=handler.response_serializer,
-        )
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception, method: str) -> None:
+    """End the RPC with the status `to_rpc_status` gives `error` (raises AbortError)."""
+    await context.abort_with_status(rpc_status.to_status(to_rpc_status(error, method)))

@@ -112,7 +112,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         check = Violations()
         user_id = check.id("user.id", request.user.id)
         version = check.etag("user.etag", request.user.etag)
-        changes = check.update_changes(request.user, list(request.update_mask.paths))
+        changes = check.update_changes(request.user, request.update_mask.paths)
         check.raise_if_any()
         async with self._sessions.begin() as session:
             user = await users.update_fields(session, user_id, changes, expected_version=version)

@@ -1,17 +1,21 @@
 """Request field checks: each bad field becomes one FieldViolation.
 
-Checks run before any database work. They collect every violation of a
-request, so a caller fixes all of them in one round trip.
+Checks run before any database work. They find every violation of a request,
+so a caller fixes all of them in one round trip; the first few are listed and
+the rest counted (see `InvalidArgument`). Every check bounds a value's length,
+or a repeated field's size, before it looks at characters or elements: no
+request, however absurd, costs more than milliseconds to refuse.
 """
 
 import unicodedata
 import uuid
+from collections.abc import Sequence
 
 from email_validator import EmailNotValidError, validate_email
 
 from pat.users.v1 import user_pb2
 from service.convert import parse_etag
-from service.errors import FieldViolation, InvalidArgument
+from service.errors import MAX_LISTED_VIOLATIONS, FieldViolation, InvalidArgument
 from service.models import MAX_DISPLAY_NAME_LENGTH, MAX_EMAIL_LENGTH
 from service.users import MUTABLE_FIELDS
 
@@ -20,19 +24,30 @@ OUTPUT_ONLY_FIELDS = ("id", "create_time", "update_time", "delete_time", "etag")
 # A UUID's canonical text is 36 characters; anything longer is refused before parsing.
 _UUID_TEXT_LENGTH = 36
 
+# A mask can only usefully name "email", "display_name" or "*"; a few
+# repeats are harmless, a longer mask is refused before any path is read.
+MAX_MASK_PATHS = 8
+
 
 class Violations:
-    """Collects a request's field violations; `raise_if_any` ends validation."""
+    """Collects a request's field violations; `raise_if_any` ends validation.
+
+    Past MAX_LISTED_VIOLATIONS a violation is only counted, never built.
+    """
 
     def __init__(self) -> None:
-        self._items: list[FieldViolation] = []
+        self._listed: list[FieldViolation] = []
+        self._unlisted = 0
 
     def add(self, field: str, description: str) -> None:
-        self._items.append(FieldViolation(field, description))
+        if len(self._listed) < MAX_LISTED_VIOLATIONS:
+            self._listed.append(FieldViolation(field, description))
+        else:
+            self._unlisted += 1
 
     def raise_if_any(self) -> None:
-        if self._items:
-            raise InvalidArgument(self._items)
+        if self._listed:
+            raise InvalidArgument(self._listed, unlisted=self._unlisted)
 
     def id(self, field: str, value: str) -> uuid.UUID:
         """A required UUID. On a violation the nil UUID stands in until `raise_if_any`."""
@@ -79,11 +94,16 @@ class Violations:
             self.add(field, "is not an etag issued by this service")
         return version
 
-    def update_changes(self, user: user_pb2.User, paths: list[str]) -> dict[str, str]:
+    def update_changes(self, user: user_pb2.User, mask_paths: Sequence[str]) -> dict[str, str]:
         """The mutable fields UpdateUser should set, from the user and its update_mask.
 
         No paths: every mutable field with a non-empty value. "*": all of them.
+        More than MAX_MASK_PATHS: one violation, and no path is looked at.
         """
+        if len(mask_paths) > MAX_MASK_PATHS:
+            self.add("update_mask.paths", f"must hold at most {MAX_MASK_PATHS} paths")
+            return {}
+        paths = list(mask_paths)
         if not paths:
             chosen = [name for name in MUTABLE_FIELDS if getattr(user, name)]
         elif paths == ["*"]:
@@ -103,9 +123,9 @@ class Violations:
         if path in MUTABLE_FIELDS:
             return
         if path == "*":
-            self.add(field, '"*" must be the only path')
+            self.add(field, 'is "*", which must be the only path')
         elif path in OUTPUT_ONLY_FIELDS:
-            self.add(field, f"{path!r} is output only")
+            self.add(field, f"names {path!r}, which is output only")
         else:
             self.add(
                 field, f"is not a field of User; mutable fields are {', '.join(MUTABLE_FIELDS)}"
