@@ -32,6 +32,25 @@ class Settings(BaseSettings):
     # How long calls on such a connection may still run before it is cut.
     grpc_max_connection_age_grace_seconds: float = Field(default=30, ge=0)
 
+    # Overload: UserService calls in progress at once in this process; a call
+    # beyond it is refused at once with UNAVAILABLE (reason OVERLOADED).
+    # Unset: 4 x (DB_POOL_SIZE + DB_MAX_OVERFLOW), enough to keep every
+    # connection busy with a short queue in front of the pool.
+    max_concurrent_rpcs: int | None = Field(default=None, ge=1)
+    # Concurrent calls (HTTP/2 streams) one client connection may have open;
+    # 100 is the floor RFC 9113 recommends, so clients are not held back.
+    grpc_max_concurrent_streams: int = Field(default=100, ge=1)
+    # Client connections this process holds at once. Unset: the open-file limit
+    # less a reserve for the database pool, logs and the health watcher.
+    grpc_max_connections: int | None = Field(default=None, ge=1)
+    # A connection with no call in progress for this long is closed (GOAWAY).
+    grpc_max_connection_idle_seconds: float = Field(default=30, gt=0)
+    # A new connection must finish its HTTP/2 (and TLS) handshake within this.
+    grpc_handshake_timeout_seconds: float = Field(default=5, gt=0)
+    # The largest request message accepted; larger ones get RESOURCE_EXHAUSTED.
+    # The largest valid request (BatchGetUsers with 1000 ids) is about 40 KB.
+    grpc_max_request_bytes: int = Field(default=64 * 1024, ge=1024)
+
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
     # How long an RPC waits for a pooled connection before UNAVAILABLE.
@@ -42,6 +61,10 @@ class Settings(BaseSettings):
     db_statement_timeout_seconds: float = Field(default=30.0, gt=0)
 
     health_check_interval_seconds: float = Field(default=0.5, gt=0)
+    # How long the database may take to answer a health check.
+    health_check_timeout_seconds: float = Field(default=1.0, gt=0)
+    # Event-loop lag above this is logged as a warning (at most every 10 s).
+    loop_lag_warning_seconds: float = Field(default=0.1, gt=0)
     # After SIGTERM: how long health reports NOT_SERVING before the port closes.
     shutdown_drain_seconds: float = Field(default=2.0, ge=0)
     # After the drain: how long in-flight RPCs may take to finish.
@@ -53,3 +76,8 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+
+    @property
+    def rpc_limit(self) -> int:
+        """MAX_CONCURRENT_RPCS, or its default derived from the pool."""
+        return self.max_concurrent_rpcs or 4 * (self.db_pool_size + self.db_max_overflow)

@@ -39,8 +39,17 @@ def normalize_url(raw: str, variable: str = "DATABASE_URL") -> URL:
     return url.set(drivername="postgresql+asyncpg")
 
 
-def create_engine(url: URL, settings: Settings, *, pool_size: int | None = None) -> AsyncEngine:
-    """An engine with the configured pool, or a fixed `pool_size` and no overflow."""
+def create_engine(
+    url: URL,
+    settings: Settings,
+    *,
+    pool_size: int | None = None,
+    application_name: str = "pat-users",
+) -> AsyncEngine:
+    """An engine with the configured pool, or a fixed `pool_size` and no overflow.
+
+    `application_name` tells its connections apart in pg_stat_activity.
+    """
     statement_timeout_ms = int(settings.db_statement_timeout_seconds * 1000)
     return create_async_engine(
         url,
@@ -50,7 +59,7 @@ def create_engine(url: URL, settings: Settings, *, pool_size: int | None = None)
         connect_args={
             "timeout": settings.db_connect_timeout_seconds,
             "server_settings": {
-                "application_name": "pat-users",
+                "application_name": application_name,
                 "statement_timeout": str(statement_timeout_ms),
             },
         },

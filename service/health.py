@@ -7,10 +7,20 @@ NOT_SERVING within interval + timeout (1.5 s by default).
 
 The watcher has a connection of its own: a pool busy with RPCs is load, not
 an outage, and must not take the server out of a load balancer's rotation.
+For the same reason its checks run on an event loop of their own, on a
+thread: when RPCs keep the server's loop busy, a check's timeout still
+measures the database, not the wait behind them (loop_lag.py measures that).
+
+The RPC pool is renewed when the database comes back only if the checks had
+lost their connection (the server went away or restarted); after a mere
+timeout the pooled connections are still good and are kept.
 """
 
 import asyncio
 import logging
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from grpc_health.v1 import health, health_pb2
 from sqlalchemy import text
@@ -29,6 +39,36 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+
+class _CheckLoop:
+    """An event loop of its own on a daemon thread, where the checks run."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="database-health", daemon=True
+        )
+        self._thread.start()
+
+    async def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` there; cancelling the caller cancels it too."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self._loop))
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
+class _Problem:
+    """Why the service cannot serve now, and whether its connections were lost."""
+
+    def __init__(self, reason: str, *, connection_lost: bool = False) -> None:
+        self.reason = reason
+        self.connection_lost = connection_lost
+
 
 class DatabaseHealth:
     """Keeps the health servicer's statuses in step with the database."""
@@ -42,7 +82,7 @@ class DatabaseHealth:
         interval: float,
         timeout: float = 1.0,
     ) -> None:
-        """`engine` is the watcher's own; `app_engine` the one RPCs use."""
+        """`engine` is the watcher's own (used on its own loop); `app_engine` the RPCs'."""
         self.servicer = health.aio.HealthServicer()
         self._engine = engine
         self._app_engine = app_engine
@@ -50,7 +90,9 @@ class DatabaseHealth:
         self._interval = interval
         self._timeout = timeout
         self._serving: bool | None = None
+        self._connection_lost = False
         self._task: asyncio.Task[None] | None = None
+        self._checks = _CheckLoop()
 
     async def start(self) -> None:
         """NOT_SERVING until the first check passes, then keep watching."""
@@ -62,7 +104,8 @@ class DatabaseHealth:
         """Every name NOT_SERVING for good; the watcher stops and closes its connection."""
         await self._stop_watching()
         await self.servicer.enter_graceful_shutdown()
-        await self._engine.dispose()
+        await self._checks.run(self._engine.dispose())
+        self._checks.close()
 
     async def _stop_watching(self) -> None:
         if self._task is not None:
@@ -75,24 +118,33 @@ class DatabaseHealth:
             await asyncio.sleep(self._interval)
 
     async def _check_once(self) -> None:
-        reason = await self._problem()
-        serving = reason is None
+        problem = await self._checks.run(self._problem())
+        if problem is not None and problem.connection_lost:
+            self._connection_lost = True
+        serving = problem is None
         if serving == self._serving:
             return
-        if not serving:
-            logger.warning("health is NOT_SERVING: %s", reason)
-        elif self._serving is None:
-            logger.info("database ready; health is SERVING")
+        if problem is not None:
+            logger.warning("health is NOT_SERVING: %s", problem.reason)
         else:
-            # Pooled connections from before the outage are dead; without this,
-            # the first RPC on each of them would fail.
-            await self._app_engine.dispose()
-            logger.info("database is back; pool renewed; health is SERVING")
+            await self._recovered()
         self._serving = serving
         await self._set_all(SERVING if serving else NOT_SERVING)
 
-    async def _problem(self) -> str | None:
-        """Why the service cannot serve now, or None if it can."""
+    async def _recovered(self) -> None:
+        if self._serving is None:
+            logger.info("database ready; health is SERVING")
+        elif self._connection_lost:
+            # The database went away: pooled connections from before are dead,
+            # and without this the first RPC on each of them would fail.
+            await self._app_engine.dispose()
+            logger.info("database is back; pool renewed; health is SERVING")
+        else:
+            logger.info("database answers in time again; pool kept; health is SERVING")
+        self._connection_lost = False
+
+    async def _problem(self) -> _Problem | None:
+        """Why the service cannot serve now, or None if it can. Runs on the check loop."""
         try:
             async with asyncio.timeout(self._timeout):
                 async with self._engine.connect() as connection:
@@ -100,13 +152,14 @@ class DatabaseHealth:
                         text("SELECT max(version_num) FROM alembic_version")
                     )
         except TimeoutError:
-            return "the database did not answer in time"
+            return _Problem("the database did not answer in time")
         except ProgrammingError:  # alembic_version does not exist
-            return "the database has no migrations applied"
+            return _Problem("the database has no migrations applied")
         except Exception as error:  # the watcher must outlive every database failure
-            return f"the database is unreachable ({type(error).__name__})"
+            reason = f"the database is unreachable ({type(error).__name__})"
+            return _Problem(reason, connection_lost=True)
         if revision != self._head_revision:
-            return f"the schema is at {revision}, not at head {self._head_revision}"
+            return _Problem(f"the schema is at {revision}, not at head {self._head_revision}")
         return None
 
     async def _set_all(self, status: int) -> None:
