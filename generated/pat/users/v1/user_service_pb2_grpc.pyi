@@ -34,19 +34,31 @@ class UserServiceStub:
 
     * INVALID_ARGUMENT: a malformed field, with google.rpc.BadRequest holding one
       FieldViolation per bad field (`field` is the request path, such as
-      "user.email" or "ids[3]"). Sent before any database work.
+      "user.email" or "ids[3]"). At most 5 are listed; the message counts the
+      rest, so the error always fits a client's 8 KB metadata limit. Sent
+      before any database work.
     * NOT_FOUND: no such user, with google.rpc.ResourceInfo (resource_type
       "pat.users.v1.User", resource_name the id asked for).
     * ALREADY_EXISTS: the email is used by another live user, with
       google.rpc.ResourceInfo (resource_type "pat.users.v1.User").
     * ABORTED: the etag is stale, with google.rpc.ErrorInfo reason
-      "ETAG_MISMATCH" (domain "users.pat"). Re-read and retry.
+      "ETAG_MISMATCH" (domain "users.pat"): re-read and retry. Or the call
+      lost a race inside PostgreSQL and was rolled back, with reason
+      "DEADLOCK_DETECTED" or "SERIALIZATION_FAILURE": retry the same call.
     * FAILED_PRECONDITION: the user is not in the state the call needs, with
       google.rpc.PreconditionFailure.
-    * UNAVAILABLE: the database is unreachable or busy past the deadline. Safe
-      to retry with backoff.
-    * DEADLINE_EXCEEDED: the caller's deadline passed; the database work was
-      cancelled.
+    * UNAVAILABLE: retry with exponential backoff (a gRPC retry policy listing
+      UNAVAILABLE does this), on this or another replica. Either the database is
+      unreachable or no connection came free in time, or the server is over its
+      cap of calls in progress: then google.rpc.ErrorInfo reason "OVERLOADED"
+      (domain "users.pat") and google.rpc.RetryInfo with a suggested delay. An
+      overloaded server refuses at once and has not started the call, so even
+      a non-idempotent call is safe to retry. Never CANCELLED.
+    * RESOURCE_EXHAUSTED: the request message is larger than the server accepts
+      (64 KiB by default; the largest valid request is about 40 KB). Not
+      retryable as it is.
+    * DEADLINE_EXCEEDED: the caller's deadline passed, or a statement ran past
+      the server's own limit; the database work was cancelled.
     * INTERNAL: anything unexpected; the message is generic.
 
     No error message echoes SQL, stack traces, connection strings or other
@@ -104,19 +116,31 @@ class UserServiceAsyncStub(UserServiceStub):
 
     * INVALID_ARGUMENT: a malformed field, with google.rpc.BadRequest holding one
       FieldViolation per bad field (`field` is the request path, such as
-      "user.email" or "ids[3]"). Sent before any database work.
+      "user.email" or "ids[3]"). At most 5 are listed; the message counts the
+      rest, so the error always fits a client's 8 KB metadata limit. Sent
+      before any database work.
     * NOT_FOUND: no such user, with google.rpc.ResourceInfo (resource_type
       "pat.users.v1.User", resource_name the id asked for).
     * ALREADY_EXISTS: the email is used by another live user, with
       google.rpc.ResourceInfo (resource_type "pat.users.v1.User").
     * ABORTED: the etag is stale, with google.rpc.ErrorInfo reason
-      "ETAG_MISMATCH" (domain "users.pat"). Re-read and retry.
+      "ETAG_MISMATCH" (domain "users.pat"): re-read and retry. Or the call
+      lost a race inside PostgreSQL and was rolled back, with reason
+      "DEADLOCK_DETECTED" or "SERIALIZATION_FAILURE": retry the same call.
     * FAILED_PRECONDITION: the user is not in the state the call needs, with
       google.rpc.PreconditionFailure.
-    * UNAVAILABLE: the database is unreachable or busy past the deadline. Safe
-      to retry with backoff.
-    * DEADLINE_EXCEEDED: the caller's deadline passed; the database work was
-      cancelled.
+    * UNAVAILABLE: retry with exponential backoff (a gRPC retry policy listing
+      UNAVAILABLE does this), on this or another replica. Either the database is
+      unreachable or no connection came free in time, or the server is over its
+      cap of calls in progress: then google.rpc.ErrorInfo reason "OVERLOADED"
+      (domain "users.pat") and google.rpc.RetryInfo with a suggested delay. An
+      overloaded server refuses at once and has not started the call, so even
+      a non-idempotent call is safe to retry. Never CANCELLED.
+    * RESOURCE_EXHAUSTED: the request message is larger than the server accepts
+      (64 KiB by default; the largest valid request is about 40 KB). Not
+      retryable as it is.
+    * DEADLINE_EXCEEDED: the caller's deadline passed, or a statement ran past
+      the server's own limit; the database work was cancelled.
     * INTERNAL: anything unexpected; the message is generic.
 
     No error message echoes SQL, stack traces, connection strings or other
@@ -170,19 +194,31 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
 
     * INVALID_ARGUMENT: a malformed field, with google.rpc.BadRequest holding one
       FieldViolation per bad field (`field` is the request path, such as
-      "user.email" or "ids[3]"). Sent before any database work.
+      "user.email" or "ids[3]"). At most 5 are listed; the message counts the
+      rest, so the error always fits a client's 8 KB metadata limit. Sent
+      before any database work.
     * NOT_FOUND: no such user, with google.rpc.ResourceInfo (resource_type
       "pat.users.v1.User", resource_name the id asked for).
     * ALREADY_EXISTS: the email is used by another live user, with
       google.rpc.ResourceInfo (resource_type "pat.users.v1.User").
     * ABORTED: the etag is stale, with google.rpc.ErrorInfo reason
-      "ETAG_MISMATCH" (domain "users.pat"). Re-read and retry.
+      "ETAG_MISMATCH" (domain "users.pat"): re-read and retry. Or the call
+      lost a race inside PostgreSQL and was rolled back, with reason
+      "DEADLOCK_DETECTED" or "SERIALIZATION_FAILURE": retry the same call.
     * FAILED_PRECONDITION: the user is not in the state the call needs, with
       google.rpc.PreconditionFailure.
-    * UNAVAILABLE: the database is unreachable or busy past the deadline. Safe
-      to retry with backoff.
-    * DEADLINE_EXCEEDED: the caller's deadline passed; the database work was
-      cancelled.
+    * UNAVAILABLE: retry with exponential backoff (a gRPC retry policy listing
+      UNAVAILABLE does this), on this or another replica. Either the database is
+      unreachable or no connection came free in time, or the server is over its
+      cap of calls in progress: then google.rpc.ErrorInfo reason "OVERLOADED"
+      (domain "users.pat") and google.rpc.RetryInfo with a suggested delay. An
+      overloaded server refuses at once and has not started the call, so even
+      a non-idempotent call is safe to retry. Never CANCELLED.
+    * RESOURCE_EXHAUSTED: the request message is larger than the server accepts
+      (64 KiB by default; the largest valid request is about 40 KB). Not
+      retryable as it is.
+    * DEADLINE_EXCEEDED: the caller's deadline passed, or a statement ran past
+      the server's own limit; the database work was cancelled.
     * INTERNAL: anything unexpected; the message is generic.
 
     No error message echoes SQL, stack traces, connection strings or other
