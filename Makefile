@@ -11,7 +11,7 @@ PROTOC = $(BIN)/python -m grpc_tools.protoc -Iprotos \
 	--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$(1) \
 	$(PROTOS)
 
-.PHONY: install run test lint format proto check-generated bench lock clean
+.PHONY: install run test fuzz lint format proto check-generated bench lock clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ run: $(INSTALLED)
 ## Lint everything, then run the tests against real PostgreSQL.
 test: lint
 	$(BIN)/pytest
+
+## Fuzz every RPC for minutes (`make test` runs a bounded fuzz); -rA prints what it reached.
+fuzz: $(INSTALLED)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest tests/test_fuzz.py -rA
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
