@@ -16,7 +16,8 @@ def format_etag(version: int) -> str:
 
 def parse_etag(etag: str) -> int | None:
     """The version an etag names, or None if the server could not have issued it."""
-    if not etag.isascii() or not etag.isdigit() or len(etag) > len(str(_MAX_VERSION)):
+    # Length first: a hostile etag may be 64 KiB long.
+    if len(etag) > len(str(_MAX_VERSION)) or not etag.isascii() or not etag.isdigit():
         return None
     version = int(etag)
     return version if 0 < version <= _MAX_VERSION else None

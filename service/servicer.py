@@ -1,7 +1,7 @@
 """UserService: validate → session → users.* → to_proto → response.
 
-Each RPC opens its own AsyncSession from the shared sessionmaker; writes run
-in `sessions.begin()`, so they commit on success and roll back on any error.
+Each RPC opens its own AsyncSession from the shared sessionmaker and runs its
+whole database work in it through `db.run_in_session` (one greenlet per RPC).
 Errors are raised, never turned into statuses here: errors.py does that.
 """
 
@@ -15,7 +15,7 @@ from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1 import user_service_pb2_grpc
 from service import users
 from service.convert import to_proto
-from service.db import read_session
+from service.db import run_in_session
 from service.page_tokens import InvalidPageToken, PageTokens
 from service.validation import Violations
 
@@ -39,18 +39,20 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         display_name = check.display_name("user.display_name", request.user.display_name)
         request_id = check.optional_id("request_id", request.request_id)
         check.raise_if_any()
-        async with self._sessions.begin() as session:
-            user = await users.create(
-                session, email=email, display_name=display_name, request_id=request_id
-            )
+        user = await run_in_session(
+            self._sessions,
+            users.create,
+            email=email,
+            display_name=display_name,
+            request_id=request_id,
+        )
         return pb.CreateUserResponse(user=to_proto(user))
 
     async def GetUser(self, request: pb.GetUserRequest, context: Context) -> pb.GetUserResponse:
         check = Violations()
         user_id = check.id("id", request.id)
         check.raise_if_any()
-        async with read_session(self._sessions) as session:
-            user = await users.get(session, user_id)
+        user = await run_in_session(self._sessions, users.get, user_id)
         return pb.GetUserResponse(user=to_proto(user))
 
     async def BatchGetUsers(
@@ -63,8 +65,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         else:
             user_ids = [check.id(f"ids[{i}]", value) for i, value in enumerate(request.ids)]
         check.raise_if_any()
-        async with read_session(self._sessions) as session:
-            found = await users.batch_get(session, user_ids)
+        found = await run_in_session(self._sessions, users.batch_get, user_ids)
         return pb.BatchGetUsersResponse(users=[to_proto(user) for user in found])
 
     async def LookupUser(
@@ -73,8 +74,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         check = Violations()
         email = check.email("email", request.email)
         check.raise_if_any()
-        async with read_session(self._sessions) as session:
-            user = await users.lookup(session, email)
+        user = await run_in_session(self._sessions, users.lookup, email)
         return pb.LookupUserResponse(user=to_proto(user))
 
     async def ListUsers(
@@ -93,10 +93,13 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
                 check.add("page_token", str(error))
         check.raise_if_any()
         limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        async with read_session(self._sessions) as session:
-            page, next_cursor = await users.list_page(
-                session, after=after, limit=limit, show_deleted=request.show_deleted
-            )
+        page, next_cursor = await run_in_session(
+            self._sessions,
+            users.list_page,
+            after=after,
+            limit=limit,
+            show_deleted=request.show_deleted,
+        )
         next_token = (
             self._page_tokens.issue(next_cursor, show_deleted=request.show_deleted)
             if next_cursor
@@ -114,24 +117,25 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         version = check.etag("user.etag", request.user.etag)
         changes = check.update_changes(request.user, request.update_mask.paths)
         check.raise_if_any()
-        async with self._sessions.begin() as session:
-            user = await users.update_fields(session, user_id, changes, expected_version=version)
+        user = await run_in_session(
+            self._sessions, users.update_fields, user_id, changes, expected_version=version
+        )
         return pb.UpdateUserResponse(user=to_proto(user))
 
     async def DeleteUser(
         self, request: pb.DeleteUserRequest, context: Context
     ) -> pb.DeleteUserResponse:
         user_id, version = _id_and_etag(request)
-        async with self._sessions.begin() as session:
-            user = await users.delete(session, user_id, expected_version=version)
+        user = await run_in_session(self._sessions, users.delete, user_id, expected_version=version)
         return pb.DeleteUserResponse(user=to_proto(user))
 
     async def UndeleteUser(
         self, request: pb.UndeleteUserRequest, context: Context
     ) -> pb.UndeleteUserResponse:
         user_id, version = _id_and_etag(request)
-        async with self._sessions.begin() as session:
-            user = await users.undelete(session, user_id, expected_version=version)
+        user = await run_in_session(
+            self._sessions, users.undelete, user_id, expected_version=version
+        )
         return pb.UndeleteUserResponse(user=to_proto(user))
 
 

@@ -1,9 +1,16 @@
-"""The queries behind UserService: plain functions that take an AsyncSession.
+"""The queries behind UserService: plain functions that take a Session.
 
 This layer knows SQL and the domain errors, not gRPC. Writes return what they
 wrote (`... RETURNING`), so the normal path of each RPC is one statement.
+
+The functions are synchronous on purpose: `db.run_in_session` runs an RPC's
+whole database work (connection, statements, close) inside one greenlet of
+an AsyncSession, instead of switching greenlets at every await. Statements
+are built once, at import, with bound parameters: building them per call
+cost more CPU than compiling them (which SQLAlchemy caches anyway).
 """
 
+import functools
 import hashlib
 import json
 import uuid
@@ -12,10 +19,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn
 
-from sqlalchemy import ARRAY, Uuid, any_, bindparam, func, select, tuple_, update
+from sqlalchemy import ARRAY, Update, Uuid, any_, bindparam, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from service.errors import (
     EmailTaken,
@@ -38,85 +45,103 @@ class Cursor:
     id: uuid.UUID
 
 
-async def create(
-    session: AsyncSession, *, email: str, display_name: str, request_id: uuid.UUID | None
+_BY_ID = select(User).where(User.id == bindparam("user_id"))
+_BY_IDS = select(User).where(User.id == any_(bindparam("user_ids", type_=ARRAY(Uuid()))))
+_LIVE_BY_EMAIL = select(User).where(
+    func.lower(User.email) == func.lower(bindparam("email")), User.delete_time.is_(None)
+)
+_BY_REQUEST_ID = select(User).where(User.create_request_id == bindparam("request_id"))
+# DO NOTHING on any unique index: a live user's email or a request_id that a
+# concurrent retry inserted first. Which one it was is looked up afterwards.
+_INSERT = (
+    insert(User)
+    .values(
+        email=bindparam("email"),
+        display_name=bindparam("display_name"),
+        create_request_id=bindparam("request_id"),
+        create_request_digest=bindparam("digest"),
+    )
+    .on_conflict_do_nothing()
+    .returning(User)
+)
+_PAGE_ORDER = (User.create_time, User.id)
+_AFTER_CURSOR = tuple_(*_PAGE_ORDER) > tuple_(bindparam("after_time"), bindparam("after_id"))
+
+
+def create(
+    session: Session, *, email: str, display_name: str, request_id: uuid.UUID | None
 ) -> User:
     """Insert a user; with a request_id, a repeat returns the first call's user."""
     digest = _request_digest(email, display_name) if request_id else None
-    if request_id is not None and (earlier := await _created_by(session, request_id)):
+    if request_id is not None and (earlier := _created_by(session, request_id)):
         return _replay(earlier, digest)
-    # DO NOTHING on any unique index: a live user's email or a request_id that a
-    # concurrent retry inserted first. Which one it was is looked up below.
-    statement = (
-        insert(User)
-        .values(
-            email=email,
-            display_name=display_name,
-            create_request_id=request_id,
-            create_request_digest=digest,
-        )
-        .on_conflict_do_nothing()
-        .returning(User)
-    )
-    created = (await session.scalars(statement)).one_or_none()
+    values = {
+        "email": email,
+        "display_name": display_name,
+        "request_id": request_id,
+        "digest": digest,
+    }
+    created = session.scalars(_INSERT, values).one_or_none()
     if created is not None:
         return created
-    if request_id is not None and (earlier := await _created_by(session, request_id)):
+    if request_id is not None and (earlier := _created_by(session, request_id)):
         return _replay(earlier, digest)
     raise EmailTaken()
 
 
-async def get(session: AsyncSession, user_id: uuid.UUID) -> User:
-    user = (await session.scalars(select(User).where(User.id == user_id))).one_or_none()
+def get(session: Session, user_id: uuid.UUID) -> User:
+    user = session.scalars(_BY_ID, {"user_id": user_id}).one_or_none()
     if user is None:
         raise NotFound(str(user_id))
     return user
 
 
-async def batch_get(session: AsyncSession, user_ids: Sequence[uuid.UUID]) -> list[User]:
+def batch_get(session: Session, user_ids: Sequence[uuid.UUID]) -> list[User]:
     """All of the users, in the order asked; NotFound names the first unknown id."""
     # One array parameter instead of up to 1000 bound values keeps the statement cacheable.
-    ids = bindparam("ids", value=list(set(user_ids)), type_=ARRAY(Uuid()))
-    found = {
-        user.id: user for user in await session.scalars(select(User).where(User.id == any_(ids)))
-    }
+    found = {user.id: user for user in session.scalars(_BY_IDS, {"user_ids": list(set(user_ids))})}
     missing = next((user_id for user_id in user_ids if user_id not in found), None)
     if missing is not None:
         raise NotFound(str(missing))
     return [found[user_id] for user_id in user_ids]
 
 
-async def lookup(session: AsyncSession, email: str) -> User:
+def lookup(session: Session, email: str) -> User:
     """The live user with this email, whatever its letter case."""
-    statement = select(User).where(
-        func.lower(User.email) == func.lower(email), User.delete_time.is_(None)
-    )
-    user = (await session.scalars(statement)).one_or_none()
+    user = session.scalars(_LIVE_BY_EMAIL, {"email": email}).one_or_none()
     if user is None:
         raise NotFound(email, "no live user has this email")
     return user
 
 
-async def list_page(
-    session: AsyncSession, *, after: Cursor | None, limit: int, show_deleted: bool
+def list_page(
+    session: Session, *, after: Cursor | None, limit: int, show_deleted: bool
 ) -> tuple[list[User], Cursor | None]:
     """One page in (create_time, id) order, and the cursor of the next page if any."""
-    statement = select(User).order_by(User.create_time, User.id).limit(limit + 1)
-    if not show_deleted:
-        statement = statement.where(User.delete_time.is_(None))
+    parameters: dict[str, Any] = {"limit": limit + 1}
     if after is not None:
-        statement = statement.where(
-            tuple_(User.create_time, User.id) > tuple_(after.create_time, after.id)
-        )
-    page = list(await session.scalars(statement))
+        parameters.update(after_time=after.create_time, after_id=after.id)
+    statement = _page_statement(show_deleted=show_deleted, after_cursor=after is not None)
+    page = list(session.scalars(statement, parameters))
     if len(page) <= limit:
         return page, None
     del page[limit:]
     return page, Cursor(page[-1].create_time, page[-1].id)
 
 
-async def update_fields(
-    session: AsyncSession,
+@functools.cache
+def _page_statement(*, show_deleted: bool, after_cursor: bool) -> Any:
+    """ListUsers' statement for one of its four shapes, built once."""
+    statement = select(User).order_by(*_PAGE_ORDER).limit(bindparam("limit"))
+    if not show_deleted:
+        statement = statement.where(User.delete_time.is_(None))
+    if after_cursor:
+        statement = statement.where(_AFTER_CURSOR)
+    return statement
+
+
+def update_fields(
+    session: Session,
     user_id: uuid.UUID,
     changes: Mapping[str, str],
     *,
@@ -125,62 +150,72 @@ async def update_fields(
     """Set mutable fields of a live user."""
     unknown = set(changes) - set(MUTABLE_FIELDS)
     assert not unknown, f"not mutable: {unknown}"
-    return await _write(session, user_id, dict(changes), expected_version, deleted=False)
+    return _write(session, user_id, dict(changes), expected_version, deleted=False)
 
 
-async def delete(
-    session: AsyncSession, user_id: uuid.UUID, *, expected_version: int | None
-) -> User:
+def delete(session: Session, user_id: uuid.UUID, *, expected_version: int | None) -> User:
     """Soft-delete a live user."""
-    changes = {"delete_time": func.now()}
-    return await _write(session, user_id, changes, expected_version, deleted=False)
+    return _write(session, user_id, {}, expected_version, deleted=False, deleting=True)
 
 
-async def undelete(
-    session: AsyncSession, user_id: uuid.UUID, *, expected_version: int | None
-) -> User:
+def undelete(session: Session, user_id: uuid.UUID, *, expected_version: int | None) -> User:
     """Bring a soft-deleted user back."""
-    return await _write(session, user_id, {"delete_time": None}, expected_version, deleted=True)
+    return _write(session, user_id, {}, expected_version, deleted=True, deleting=False)
 
 
-async def _write(
-    session: AsyncSession,
+def _write(
+    session: Session,
     user_id: uuid.UUID,
     changes: dict[str, Any],
     expected_version: int | None,
     *,
     deleted: bool,
+    deleting: bool | None = None,
 ) -> User:
     """One conditional UPDATE ... RETURNING; on a miss, find out which condition failed.
 
-    `deleted` is the state the user must be in. The row lock PostgreSQL takes
-    makes concurrent writers with the same etag serialise: the first wins, the
-    others see the bumped version and fail with EtagMismatch.
+    `deleted` is the state the user must be in; `deleting` sets delete_time
+    (True: now, False: cleared, None: left alone). The row lock PostgreSQL
+    takes makes concurrent writers with the same etag serialise: the first
+    wins, the others see the bumped version and fail with EtagMismatch.
     """
-    state = User.delete_time.is_not(None) if deleted else User.delete_time.is_(None)
-    statement = (
-        update(User)
-        .where(User.id == user_id, state)
-        .values({**changes, "version": User.version + 1, "update_time": func.now()})
-        .returning(User)
+    statement = _update_statement(
+        tuple(sorted(changes)), deleted, deleting, expected_version is not None
     )
-    if expected_version is not None:
-        statement = statement.where(User.version == expected_version)
+    parameters = {**changes, "user_id": user_id, "expected_version": expected_version}
     try:
-        written = (await session.scalars(statement)).one_or_none()
+        written: User | None = session.scalars(statement, parameters).one_or_none()
     except IntegrityError as error:
         if is_unique_violation(error):
             raise EmailTaken() from None
         raise
     if written is None:
-        await _raise_write_miss(session, user_id, deleted=deleted)
+        _raise_write_miss(session, user_id, deleted=deleted)
     return written
 
 
-async def _raise_write_miss(
-    session: AsyncSession, user_id: uuid.UUID, *, deleted: bool
-) -> NoReturn:
-    current = await get(session, user_id)  # NotFound if there is no such user
+@functools.cache
+def _update_statement(
+    fields: tuple[str, ...], deleted: bool, deleting: bool | None, versioned: bool
+) -> Update:
+    """The UPDATE for one combination of changed fields and conditions, built once."""
+    state = User.delete_time.is_not(None) if deleted else User.delete_time.is_(None)
+    values: dict[str, Any] = {name: bindparam(name) for name in fields}
+    if deleting is not None:
+        values["delete_time"] = func.now() if deleting else None
+    statement = (
+        update(User)
+        .where(User.id == bindparam("user_id"), state)
+        .values({**values, "version": User.version + 1, "update_time": func.now()})
+        .returning(User)
+    )
+    if versioned:
+        statement = statement.where(User.version == bindparam("expected_version"))
+    return statement
+
+
+def _raise_write_miss(session: Session, user_id: uuid.UUID, *, deleted: bool) -> NoReturn:
+    current = get(session, user_id)  # NotFound if there is no such user
     if current.delete_time is not None and not deleted:
         raise NotFound(str(user_id), f"user {user_id} is deleted")
     if current.delete_time is None and deleted:
@@ -188,9 +223,8 @@ async def _raise_write_miss(
     raise EtagMismatch(str(user_id))
 
 
-async def _created_by(session: AsyncSession, request_id: uuid.UUID) -> User | None:
-    statement = select(User).where(User.create_request_id == request_id)
-    return (await session.scalars(statement)).one_or_none()
+def _created_by(session: Session, request_id: uuid.UUID) -> User | None:
+    return session.scalars(_BY_REQUEST_ID, {"request_id": request_id}).one_or_none()
 
 
 def _replay(earlier: User, digest: bytes | None) -> User:
