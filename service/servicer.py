@@ -1,7 +1,8 @@
 """UserService: validate → session → users.* → to_proto → response.
 
 Each RPC opens its own AsyncSession from the shared sessionmaker and runs its
-whole database work in it through `db.run_in_session` (one greenlet per RPC).
+whole database work in it, in one greenlet: `db.read` in autocommit, `db.write`
+in a transaction.
 Errors are raised, never turned into statuses here: errors.py does that.
 """
 
@@ -13,9 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1 import user_service_pb2_grpc
-from service import users
+from service import db, users
 from service.convert import to_proto
-from service.db import run_in_session
 from service.page_tokens import InvalidPageToken, PageTokens
 from service.validation import Violations
 
@@ -39,7 +39,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         display_name = check.display_name("user.display_name", request.user.display_name)
         request_id = check.optional_id("request_id", request.request_id)
         check.raise_if_any()
-        user = await run_in_session(
+        user = await db.write(
             self._sessions,
             users.create,
             email=email,
@@ -52,7 +52,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         check = Violations()
         user_id = check.id("id", request.id)
         check.raise_if_any()
-        user = await run_in_session(self._sessions, users.get, user_id)
+        user = await db.read(self._sessions, users.get, user_id)
         return pb.GetUserResponse(user=to_proto(user))
 
     async def BatchGetUsers(
@@ -65,7 +65,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         else:
             user_ids = [check.id(f"ids[{i}]", value) for i, value in enumerate(request.ids)]
         check.raise_if_any()
-        found = await run_in_session(self._sessions, users.batch_get, user_ids)
+        found = await db.read(self._sessions, users.batch_get, user_ids)
         return pb.BatchGetUsersResponse(users=[to_proto(user) for user in found])
 
     async def LookupUser(
@@ -74,7 +74,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         check = Violations()
         email = check.email("email", request.email)
         check.raise_if_any()
-        user = await run_in_session(self._sessions, users.lookup, email)
+        user = await db.read(self._sessions, users.lookup, email)
         return pb.LookupUserResponse(user=to_proto(user))
 
     async def ListUsers(
@@ -93,7 +93,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
                 check.add("page_token", str(error))
         check.raise_if_any()
         limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        page, next_cursor = await run_in_session(
+        page, next_cursor = await db.read(
             self._sessions,
             users.list_page,
             after=after,
@@ -117,7 +117,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         version = check.etag("user.etag", request.user.etag)
         changes = check.update_changes(request.user, request.update_mask.paths)
         check.raise_if_any()
-        user = await run_in_session(
+        user = await db.write(
             self._sessions, users.update_fields, user_id, changes, expected_version=version
         )
         return pb.UpdateUserResponse(user=to_proto(user))
@@ -126,16 +126,14 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         self, request: pb.DeleteUserRequest, context: Context
     ) -> pb.DeleteUserResponse:
         user_id, version = _id_and_etag(request)
-        user = await run_in_session(self._sessions, users.delete, user_id, expected_version=version)
+        user = await db.write(self._sessions, users.delete, user_id, expected_version=version)
         return pb.DeleteUserResponse(user=to_proto(user))
 
     async def UndeleteUser(
         self, request: pb.UndeleteUserRequest, context: Context
     ) -> pb.UndeleteUserResponse:
         user_id, version = _id_and_etag(request)
-        user = await run_in_session(
-            self._sessions, users.undelete, user_id, expected_version=version
-        )
+        user = await db.write(self._sessions, users.undelete, user_id, expected_version=version)
         return pb.UndeleteUserResponse(user=to_proto(user))
 
 

@@ -3,7 +3,7 @@
 This layer knows SQL and the domain errors, not gRPC. Writes return what they
 wrote (`... RETURNING`), so the normal path of each RPC is one statement.
 
-The functions are synchronous on purpose: `db.run_in_session` runs an RPC's
+The functions are synchronous on purpose: `db.read` and `db.write` run an RPC's
 whole database work (connection, statements, close) inside one greenlet of
 an AsyncSession, instead of switching greenlets at every await. Statements
 are built once, at import, with bound parameters: building them per call
