@@ -26,7 +26,9 @@ COPY alembic/ alembic/
 
 USER 10001:10001
 
+# One server process per container (WORKERS=1): replicas, not workers, scale it.
 ENV GRPC_PORT=50051 \
+    WORKERS=1 \
     ALEMBIC_CONFIG=/app/alembic.ini
 EXPOSE 50051
 

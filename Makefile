@@ -22,9 +22,10 @@ $(INSTALLED): pyproject.toml constraints.txt
 install: $(INSTALLED)
 
 ## Serve on GRPC_PORT (50051). Without DATABASE_URL: embedded PostgreSQL in .data/.
+## WORKERS server processes share the port; here, unless set, one per core.
 run: $(INSTALLED)
 	@if [ -n "$$DATABASE_URL" ]; then $(BIN)/alembic upgrade head; fi
-	$(BIN)/python -m service
+	WORKERS=$${WORKERS:-$$(nproc 2>/dev/null || echo 1)} $(BIN)/python -m service
 
 ## Lint everything, then run the tests against real PostgreSQL.
 test: lint

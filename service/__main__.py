@@ -1,4 +1,7 @@
-"""`python -m service`: serve until SIGTERM or SIGINT, then stop gracefully."""
+"""`python -m service`: serve until SIGTERM or SIGINT, then stop gracefully.
+
+With WORKERS > 1 this process supervises worker processes that serve (workers.py).
+"""
 
 import os
 
@@ -19,11 +22,9 @@ from service.embedded import EmbeddedPostgresMissing, embedded_postgres
 from service.logs import configure_logging
 from service.migrations import upgrade_to_head
 from service.server import start
+from service.workers import STOP_SIGNALS, SupervisorLink, attach_to_supervisor, supervise
 
 logger = logging.getLogger("service")
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StartupSignals:
@@ -37,13 +38,20 @@ class StartupSignals:
         self.received: str | None = None
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._note)
+        # A worker starts with them blocked (workers.py): held until now, not fatal.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def _note(self, signum: int, frame: object) -> None:
         self.received = signal.Signals(signum).name
         logger.info("received %s during start-up; stopping", self.received)
 
 
-async def serve(settings: Settings, database_url: str, startup: StartupSignals) -> None:
+async def serve(
+    settings: Settings,
+    database_url: str,
+    startup: StartupSignals,
+    supervisor: SupervisorLink | None = None,
+) -> None:
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in STOP_SIGNALS:
@@ -51,6 +59,8 @@ async def serve(settings: Settings, database_url: str, startup: StartupSignals) 
     if startup.received:
         return
     running = await start(settings, database_url)
+    if supervisor is not None:
+        supervisor.listening(stop_requested)
     await stop_requested.wait()
     await running.stop(
         drain_seconds=settings.shutdown_drain_seconds,
@@ -74,16 +84,22 @@ def main() -> int:
         return 2
     configure_logging(settings)
     if settings.database_url is not None:
-        asyncio.run(serve(settings, settings.database_url, startup))
-        return 0
+        return _run(settings, settings.database_url, startup)
     try:
         with embedded_postgres(settings.embedded_pg_dir) as database_url:
             if not startup.received:
                 upgrade_to_head(database_url)
-            asyncio.run(serve(settings, database_url, startup))
+            return _run(settings, database_url, startup)
     except EmbeddedPostgresMissing as error:
         print(f"pat-users: configuration error: {error}", file=sys.stderr)
         return 2
+
+
+def _run(settings: Settings, database_url: str, startup: StartupSignals) -> int:
+    """Serve in this process or, with WORKERS > 1, supervise worker processes that do."""
+    if settings.workers > 1:
+        return asyncio.run(supervise(settings, database_url, startup))
+    asyncio.run(serve(settings, database_url, startup, attach_to_supervisor()))
     return 0
 
 

@@ -20,11 +20,19 @@ class Settings(BaseSettings):
 
     # Unset means: start the embedded PostgreSQL under EMBEDDED_PG_DIR.
     database_url: str | None = None
+    # Migrations, and anything else needing a session of its own (advisory
+    # locks, LISTEN), connect here: directly to PostgreSQL when DATABASE_URL
+    # names a pooler. Unset: DATABASE_URL.
+    migration_database_url: str | None = None
     embedded_pg_dir: Path = PROJECT_ROOT / ".data" / "postgres"
 
     grpc_host: str = "[::]"
     # 0 picks a free port; the chosen one is logged.
     grpc_port: int = Field(default=50051, ge=0, le=65535)
+    # Server processes sharing GRPC_PORT, each with its own pool, limits and
+    # health; above 1, this process supervises them (workers.py). 1 in
+    # containers, where Kubernetes scales pods; `make run` uses one per core.
+    workers: int = Field(default=1, ge=1)
 
     # Clients keep one HTTP/2 connection for good; closing it after this age
     # (politely, with GOAWAY) makes them reconnect and spread over new replicas.
@@ -59,6 +67,11 @@ class Settings(BaseSettings):
     db_connect_timeout_seconds: float = Field(default=5.0, gt=0)
     # Upper bound for one SQL statement, whatever the caller's deadline.
     db_statement_timeout_seconds: float = Field(default=30.0, gt=0)
+    # "pgbouncer": DATABASE_URL names PgBouncer in transaction pooling mode. The
+    # engine then prepares no named statements, and, as PgBouncer cannot pass
+    # statement_timeout on, requires the role or database to set it at most
+    # DB_STATEMENT_TIMEOUT_SECONDS (README, "Behind PgBouncer").
+    db_pooler: Literal["none", "pgbouncer"] = "none"
 
     health_check_interval_seconds: float = Field(default=0.5, gt=0)
     # How long the database may take to answer a health check.

@@ -102,6 +102,8 @@ def _server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
         ("grpc.max_allowed_incoming_connections", _connection_limit(settings)),
         ("grpc.max_receive_message_length", settings.grpc_max_request_bytes),
+        # WORKERS processes share the port (grpc's default on Linux, relied on by workers.py).
+        ("grpc.so_reuseport", 1),
         # Keepalive abuse: a client pinging more often than this, or pinging an
         # idle connection at all, gets two strikes and then GOAWAY.
         ("grpc.http2.min_ping_interval_without_data_ms", _ms(KEEPALIVE_MIN_PING_SECONDS)),
