@@ -99,8 +99,26 @@ def _run(settings: Settings, database_url: str, startup: StartupSignals) -> int:
     """Serve in this process or, with WORKERS > 1, supervise worker processes that do."""
     if settings.workers > 1:
         return asyncio.run(supervise(settings, database_url, startup))
-    asyncio.run(serve(settings, database_url, startup, attach_to_supervisor()))
+    with _event_loop_runner(settings) as runner:
+        runner.run(serve(settings, database_url, startup, attach_to_supervisor()))
     return 0
+
+
+def _event_loop_runner(settings: Settings) -> asyncio.Runner:
+    """uvloop where it is installed (Linux, the image) unless EVENT_LOOP=asyncio.
+
+    grpc.aio runs on it unchanged (its completion queue is watched with
+    add_reader), and the loop's own overhead per RPC shrinks.
+    """
+    if settings.event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            logger.info("uvloop is not installed; using asyncio's event loop")
+        else:
+            logger.info("event loop: uvloop")
+            return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    return asyncio.Runner()
 
 
 def _one_line(error: Exception) -> str:

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     # do not survive a restart nor cross replicas; set it in production.
     page_token_secret: SecretStr | None = None
 
+    # uvloop (when installed; it is on Linux) or the standard library's loop.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 

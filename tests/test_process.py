@@ -1,9 +1,11 @@
 """`python -m service` as operators run it: configuration, embedded PostgreSQL, restarts."""
 
+import asyncio
 import json
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -12,6 +14,7 @@ import pytest
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
+from service.migrations import upgrade_to_head
 from tests.support import (
     PROJECT_ROOT,
     ServiceProcess,
@@ -132,3 +135,21 @@ async def test_stop_signal_during_start_up_stops_embedded_postgres_too(tmp_path:
     assert "listening on port" not in child.text
     assert "stopping embedded PostgreSQL" in child.text
     assert not postgres_running(data_dir)
+
+
+@pytest.mark.parametrize(("event_loop", "uses_uvloop"), [("uvloop", True), ("asyncio", False)])
+async def test_serves_on_uvloop_by_default_and_on_asyncio_when_asked(
+    new_database: Callable[[], str], event_loop: str, uses_uvloop: bool
+) -> None:
+    url = new_database()
+    await asyncio.to_thread(upgrade_to_head, url)
+    env = subprocess_env(DATABASE_URL=url, GRPC_PORT="0", EVENT_LOOP=event_loop)
+    child = await ServiceProcess.start(env)
+    try:
+        async with grpc.aio.insecure_channel(child.address) as channel:
+            await wait_until_serving(channel)
+            await client_session(UserServiceStub(channel))
+    finally:
+        child.interrupt()
+        assert await child.wait() == 0
+    assert ("event loop: uvloop" in child.text) is uses_uvloop, child.text
