@@ -1,13 +1,12 @@
 """Alembic's async environment: migrates over asyncpg, the app's own driver.
 
-The database comes from DATABASE_URL (postgresql:// or postgresql+asyncpg://,
-normalised by service.db exactly as the app does), or from
-`config.attributes["database_url"]` when the service or a test calls Alembic.
-No psycopg is needed.
+The database comes from `config.attributes["database_url"]` when the service
+or a test calls Alembic, else from MIGRATION_DATABASE_URL, else DATABASE_URL
+(postgresql:// or postgresql+asyncpg://, normalised by service.db exactly as
+the app does). No psycopg is needed.
 """
 
 import asyncio
-import os
 from logging.config import fileConfig
 
 from alembic import context
@@ -16,8 +15,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
+from service.config import Settings
 from service.db import EXPECTED_FORM, normalize_url
-from service.migrations import MIGRATION_LOCK_KEY
+from service.migrations import MIGRATION_LOCK_KEY, migration_database_url
 from service.models import Base
 
 config = context.config
@@ -28,10 +28,14 @@ target_metadata = Base.metadata
 
 
 def _database_url() -> str:
-    raw = config.attributes.get("database_url") or os.environ.get("DATABASE_URL")
+    if explicit := config.attributes.get("database_url"):
+        return normalize_url(explicit).render_as_string(hide_password=False)
+    variable, raw = migration_database_url(Settings())
     if not raw:
-        raise SystemExit(f"DATABASE_URL is not set; expected {EXPECTED_FORM}")
-    return normalize_url(raw).render_as_string(hide_password=False)
+        raise SystemExit(
+            f"DATABASE_URL is not set (nor MIGRATION_DATABASE_URL); expected {EXPECTED_FORM}"
+        )
+    return normalize_url(raw, variable).render_as_string(hide_password=False)
 
 
 def run_migrations_offline() -> None:

