@@ -12,7 +12,16 @@ VENV = Path(sys.executable).parent.parent
 
 def check_generated(root: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["make", "--no-print-directory", "check-generated", f"VENV={VENV}"],
+        # --old-file: never reinstall the shared virtualenv from this copy, even
+        # when pyproject.toml is newer than its stamp (that would repoint the
+        # editable install here).
+        [
+            "make",
+            "--no-print-directory",
+            f"--old-file={VENV}/.installed",
+            "check-generated",
+            f"VENV={VENV}",
+        ],
         cwd=root,
         env=subprocess_env(),
         capture_output=True,
