@@ -9,6 +9,10 @@ import os
 # handlers can crash such children. The service never forks to use gRPC.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
+from service.memory import return_memory_after_peaks
+
+return_memory_after_peaks()  # before gRPC's threads exist
+
 import asyncio
 import logging
 import signal

@@ -1,57 +1,90 @@
-"""Admission control: a cap on UserService RPCs in progress in this process.
+"""Admission control: what a process takes on, so that it stays fast and bounded.
 
-A call that arrives while MAX_CONCURRENT_RPCS calls are in progress is refused
-at once with UNAVAILABLE (ErrorInfo reason OVERLOADED, RetryInfo with a delay),
-the code gRPC retry policies and load balancers treat as "try again, maybe
-elsewhere". Nothing waits in an unbounded queue: admitted calls that wait for
-a database connection give up after DB_POOL_TIMEOUT_SECONDS (or their
-deadline) with the same UNAVAILABLE.
+Two budgets, both answered with UNAVAILABLE (ErrorInfo reason OVERLOADED,
+RetryInfo with a delay), the code gRPC retry policies and load balancers treat
+as "try again, maybe elsewhere". Nothing waits in an unbounded queue:
+
+- Work: at most MAX_CONCURRENT_RPCS calls run at once, and none is started
+  while the event loop lags more than SHED_LOOP_LAG_SECONDS: the count
+  cannot tell a cheap call from a 1,000-user page, the lag can. Admitted
+  calls that wait for a database connection give up after
+  DB_POOL_TIMEOUT_SECONDS (or their deadline) with the same UNAVAILABLE.
+- Memory: an answer the caller does not read stays in the server until its
+  connection takes it (or the call's deadline, or the connection, ends).
+  Past MAX_UNSENT_RESPONSE_BYTES of such answers, connections holding more
+  than SLOW_READER_BYTES of them are refused; past twice the budget, any
+  connection holding an unsent answer; past four times, every call, until
+  answers drain. Clients that read what they asked for are never behind,
+  so they are served until that last stage.
 
 Health and reflection are not admitted through here: a probe must get its
 answer however busy the server is.
 """
 
-from types import TracebackType
+from typing import Any
+
+import grpc
 
 from service.errors import Overloaded
+from service.loop_lag import LoopLag
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+# A connection holding this much unread is not keeping up: refused first.
+SLOW_READER_BYTES = 256 * 1024
 
 
 class Admission:
-    """Counts RPCs in progress; `slot()` admits one or raises Overloaded.
+    """Counts calls in progress and answers not yet taken by their callers.
 
     The event loop is single-threaded, so plain integers need no lock.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, unsent_budget: int, loop_lag: LoopLag, shed_lag: float) -> None:
         self.limit = limit
+        self.unsent_budget = unsent_budget
+        self._loop_lag = loop_lag
+        self._shed_lag = shed_lag
         self.in_progress = 0
         self.refused = 0
-        self._slot = _Slot(self)
+        self.unsent_bytes = 0
+        self._unsent_by_peer: dict[str, int] = {}
 
-    def slot(self) -> "_Slot":
-        """A context manager that holds one of the `limit` slots for its block."""
-        return self._slot
-
-
-class _Slot:
-    # One reusable object instead of a generator-based context manager per RPC:
-    # admission runs on every call and should cost next to nothing.
-    __slots__ = ("_admission",)
-
-    def __init__(self, admission: Admission) -> None:
-        self._admission = admission
-
-    def __enter__(self) -> None:
-        admission = self._admission
-        if admission.in_progress >= admission.limit:
-            admission.refused += 1
+    def enter(self, context: Context) -> None:
+        """Admit one call, or raise Overloaded; `leave()` must follow an admission."""
+        if (
+            self.in_progress >= self.limit
+            or self._loop_lag.last >= self._shed_lag
+            or (self.unsent_bytes >= self.unsent_budget and self._behind(context.peer()))
+        ):
+            self.refused += 1
             raise Overloaded()
-        admission.in_progress += 1
+        self.in_progress += 1
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._admission.in_progress -= 1
+    def leave(self) -> None:
+        self.in_progress -= 1
+
+    def sending(self, context: Context, size: int) -> None:
+        """Count an answer of `size` bytes as unsent until its call is done (taken)."""
+        peer = context.peer()
+        self.unsent_bytes += size
+        self._unsent_by_peer[peer] = self._unsent_by_peer.get(peer, 0) + size
+        # types-grpcio declares the callback as a class, not a callable Protocol.
+        context.add_done_callback(lambda _: self._sent(peer, size))  # type: ignore[arg-type]
+
+    def _behind(self, peer: str) -> bool:
+        """Whether, with unsent answers over budget, `peer` is refused."""
+        if self.unsent_bytes >= 4 * self.unsent_budget:
+            return True
+        unsent = self._unsent_by_peer.get(peer, 0)
+        if self.unsent_bytes >= 2 * self.unsent_budget:
+            return unsent > 0
+        return unsent >= SLOW_READER_BYTES
+
+    def _sent(self, peer: str, size: int) -> None:
+        self.unsent_bytes -= size
+        left = self._unsent_by_peer[peer] - size
+        if left:
+            self._unsent_by_peer[peer] = left
+        else:
+            del self._unsent_by_peer[peer]

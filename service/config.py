@@ -45,9 +45,19 @@ class Settings(BaseSettings):
     # Unset: 4 x (DB_POOL_SIZE + DB_MAX_OVERFLOW), enough to keep every
     # connection busy with a short queue in front of the pool.
     max_concurrent_rpcs: int | None = Field(default=None, ge=1)
+    # No call is started while the event loop runs this late: CPU-bound work
+    # queued up, and more would only add to every call's wait.
+    shed_loop_lag_seconds: float = Field(default=0.25, gt=0)
+    # Memory: answers written but not yet read by their callers. Past this,
+    # connections that stopped reading are refused (UNAVAILABLE, OVERLOADED);
+    # past four times this, every call is, until the answers drain.
+    # Each unsent byte costs about two of memory (the answer, and gRPC's copy).
+    max_unsent_response_bytes: int = Field(default=16 * 1024 * 1024, ge=1024 * 1024)
     # Concurrent calls (HTTP/2 streams) one client connection may have open;
-    # 100 is the floor RFC 9113 recommends, so clients are not held back.
-    grpc_max_concurrent_streams: int = Field(default=100, ge=1)
+    # more wait in the client. Every open stream costs memory in gRPC until the
+    # event loop takes it: 64 keeps 200 flooding connections under 400 MB and
+    # inside gRPC's queue of waiting calls (below RFC 9113's suggested 100).
+    grpc_max_concurrent_streams: int = Field(default=64, ge=1)
     # Client connections this process holds at once. Unset: the open-file limit
     # less a reserve for the database pool, logs and the health watcher.
     grpc_max_connections: int | None = Field(default=None, ge=1)
@@ -55,6 +65,12 @@ class Settings(BaseSettings):
     grpc_max_connection_idle_seconds: float = Field(default=30, gt=0)
     # A new connection must finish its HTTP/2 (and TLS) handshake within this.
     grpc_handshake_timeout_seconds: float = Field(default=5, gt=0)
+    # The server pings each connection after this long without traffic from it,
+    # and closes it when the ping is not answered within the timeout: dead peers
+    # and clients that stopped reading their socket (their answers would sit in
+    # memory) are dropped.
+    grpc_keepalive_seconds: float = Field(default=30, gt=0)
+    grpc_keepalive_timeout_seconds: float = Field(default=10, gt=0)
     # The largest request message accepted; larger ones get RESOURCE_EXHAUSTED.
     # The largest valid request (BatchGetUsers with 1000 ids) is about 40 KB.
     grpc_max_request_bytes: int = Field(default=64 * 1024, ge=1024)

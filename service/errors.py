@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -318,6 +318,8 @@ def tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-async def abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception, method: str) -> None:
+async def abort(
+    context: grpc.aio.ServicerContext[Any, Any], error: Exception, method: str
+) -> NoReturn:
     """End the RPC with the status `to_rpc_status` gives `error` (raises AbortError)."""
     await context.abort_with_status(rpc_status.to_status(to_rpc_status(error, method)))

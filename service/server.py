@@ -12,6 +12,7 @@ import asyncio
 import logging
 import resource
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +74,13 @@ async def start(settings: Settings, database_url: str) -> RunningServer:
         interval=settings.health_check_interval_seconds,
         timeout=settings.health_check_timeout_seconds,
     )
-    admission = Admission(settings.rpc_limit)
+    loop_lag = LoopLag(settings.loop_lag_warning_seconds)
+    admission = Admission(
+        settings.rpc_limit,
+        settings.max_unsent_response_bytes,
+        loop_lag,
+        settings.shed_loop_lag_seconds,
+    )
     server = grpc.aio.server(options=_server_options(settings))
     servicer = UserService(create_sessions(engine), PageTokens(_page_token_secret(settings)))
     _add_guarded(
@@ -82,7 +89,6 @@ async def start(settings: Settings, database_url: str) -> RunningServer:
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(SERVICE_NAMES, server)
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
-    loop_lag = LoopLag(settings.loop_lag_warning_seconds)
     loop_lag.start()
     await health.start()
     await server.start()
@@ -100,8 +106,16 @@ def _server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_connection_idle_ms", _ms(settings.grpc_max_connection_idle_seconds)),
         ("grpc.server_handshake_timeout_ms", _ms(settings.grpc_handshake_timeout_seconds)),
         ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+        ("grpc.keepalive_time_ms", _ms(settings.grpc_keepalive_seconds)),
+        ("grpc.keepalive_timeout_ms", _ms(settings.grpc_keepalive_timeout_seconds)),
         ("grpc.max_allowed_incoming_connections", _connection_limit(settings)),
         ("grpc.max_receive_message_length", settings.grpc_max_request_bytes),
+        # Calls gRPC has accepted but the event loop has not picked up yet. At
+        # gRPC's defaults (1,000 / 3,000) a burst is dropped there with
+        # CANCELLED before admission control can answer OVERLOADED; these
+        # wait instead, and admission answers each within microseconds.
+        ("grpc.server.max_pending_requests", PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS),
         # WORKERS processes share the port (grpc's default on Linux, relied on by workers.py).
         ("grpc.so_reuseport", 1),
         # Keepalive abuse: a client pinging more often than this, or pinging an
@@ -112,6 +126,9 @@ def _server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+# Calls accepted by gRPC before the server picks them up: 300 connections
+# with 64 streams each fit. Past twice this, gRPC itself drops calls (CANCELLED).
+PENDING_CALLS = 20_000
 # Clients may send keepalive pings during calls, no more often than this.
 KEEPALIVE_MIN_PING_SECONDS = 10
 # File descriptors kept back from client connections: the database pool, the
@@ -182,23 +199,31 @@ def _guarded_handler(
     # UserService has unary RPCs only; a streaming one needs a wrapper of its own.
     assert handler.unary_unary is not None
     assert handler.request_deserializer is not None
+    assert handler.response_serializer is not None
+    # The wrapper serializes the answer itself and hands grpc bytes: grpc then
+    # holds only those until the caller takes them, not the message object too.
     return grpc.unary_unary_rpc_method_handler(
-        _guarded(handler.unary_unary, method, admission),
+        _guarded(handler.unary_unary, handler.response_serializer, method, admission),
         request_deserializer=tolerant(handler.request_deserializer),
-        response_serializer=handler.response_serializer,
     )
 
 
-def _guarded(behavior: Behavior, method: str, admission: Admission) -> Behavior:
-    """`behavior` admitted under the cap, with every error mapped to its status."""
-    slot = admission.slot()
+def _guarded(
+    behavior: Behavior, serialize: Callable[[Any], bytes], method: str, admission: Admission
+) -> Behavior:
+    """`behavior` admitted under the caps, its answer serialized, every error mapped."""
 
-    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         try:
-            with slot:
+            admission.enter(context)
+            try:
                 if isinstance(request, Undecodable):
                     raise UndecodableRequest()
-                return await behavior(request, context)
+                response = serialize(await behavior(request, context))
+            finally:
+                admission.leave()
+            admission.sending(context, len(response))
+            return response
         except grpc.aio.AbortError:
             raise  # the handler already chose its status
         except Exception as error:

@@ -185,3 +185,26 @@ async def liveness_or_none(running: RunningServer) -> int | None:
         return await health_status(f"127.0.0.1:{running.port}", "liveness")
     except grpc.aio.AioRpcError:
         return None
+
+
+def hog_the_loop(seconds: float) -> None:
+    """CPU-bound work on the event loop the in-process server shares with the test."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+async def test_no_call_starts_while_the_event_loop_lags(migrated_url: str) -> None:
+    async with (
+        serving(migrated_url, shed_loop_lag_seconds=0.05) as running,
+        user_service(running) as stub,
+    ):
+        user = await create_user(stub)
+        for _ in range(3):  # the lag sampler measures the stall right after it
+            hog_the_loop(0.3)
+            await asyncio.sleep(0.01)
+        failure = await fails(stub.GetUser(pb.GetUserRequest(id=user.id), timeout=5))
+        assert failure.code == grpc.StatusCode.UNAVAILABLE
+        assert failure.detail(error_details_pb2.ErrorInfo).reason == "OVERLOADED"
+        await asyncio.sleep(0.5)  # the loop keeps up again
+        assert (await stub.GetUser(pb.GetUserRequest(id=user.id), timeout=5)).user.id == user.id
