@@ -11,7 +11,7 @@ PROTOC = $(BIN)/python -m grpc_tools.protoc -Iprotos \
 	--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$(1) \
 	$(PROTOS)
 
-.PHONY: install run test fuzz lint format proto check-generated bench lock clean
+.PHONY: install run test fuzz lint format proto check-generated bench floods lock clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
