@@ -66,8 +66,15 @@ check-generated: $(INSTALLED)
 	diff -r --exclude=__pycache__ "$$tmp/pat" generated/pat \
 	  || { echo "generated/ is stale: run 'make proto' and commit the result" >&2; exit 1; }
 
+## Service vs raw asyncpg, workers, PgBouncer, RSS; table + bench-results.json.
+## e.g. make bench BENCH_ARGS="--quick" or BENCH_ARGS="--skip-rss --only get,lookup"
+BENCH_ARGS ?=
 bench: $(INSTALLED)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+## Hostile and overloading callers against a real server (see bench/floods.py).
+floods: $(INSTALLED)
+	$(BIN)/python -m bench.floods
 
 ## Re-pin constraints.txt after changing dependencies in pyproject.toml.
 lock:
