@@ -28,6 +28,7 @@ from service.db import create_engine, create_sessions, normalize_url
 from service.errors import Behavior, Undecodable, UndecodableRequest, abort, tolerant
 from service.health import DatabaseHealth
 from service.loop_lag import LoopLag
+from service.memory import trim_forever
 from service.migrations import head_revision
 from service.page_tokens import PageTokens
 from service.servicer import UserService
@@ -51,6 +52,7 @@ class RunningServer:
     engine: AsyncEngine
     admission: Admission
     loop_lag: LoopLag
+    memory_trim: asyncio.Task[None]
 
     async def stop(self, *, drain_seconds: float, grace_seconds: float) -> None:
         """Graceful stop: NOT_SERVING → drain → refuse new RPCs → finish in-flight ones."""
@@ -61,6 +63,7 @@ class RunningServer:
         await self.server.stop(grace_seconds)
         await self.engine.dispose()
         await self.loop_lag.stop()
+        self.memory_trim.cancel()
         logger.info("server stopped")
 
 
@@ -95,7 +98,8 @@ async def start(settings: Settings, database_url: str) -> RunningServer:
     logger.info(
         "listening on port %d (at most %d UserService calls in progress)", port, admission.limit
     )
-    return RunningServer(server, port, health, engine, admission, loop_lag)
+    memory_trim = asyncio.create_task(trim_forever(), name="memory-trim")
+    return RunningServer(server, port, health, engine, admission, loop_lag, memory_trim)
 
 
 def _server_options(settings: Settings) -> list[tuple[str, int]]:
