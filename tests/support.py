@@ -35,6 +35,9 @@ from service.config import Settings
 from service.server import RunningServer, start
 
 TEST_PAGE_TOKEN_SECRET = "test-page-token-secret"
+# What a worker's RSS stays under in every flood (tests/test_overload.py), and
+# what the Kubernetes memory limit must leave room above (tests/test_deploy.py).
+WORKER_RSS_CEILING_MB = 400
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 DetailT = TypeVar("DetailT", bound=Message)

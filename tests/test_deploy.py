@@ -23,7 +23,12 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support import PROJECT_ROOT, TEST_PAGE_TOKEN_SECRET, subprocess_env
+from tests.support import (
+    PROJECT_ROOT,
+    TEST_PAGE_TOKEN_SECRET,
+    WORKER_RSS_CEILING_MB,
+    subprocess_env,
+)
 
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
@@ -327,6 +332,14 @@ def test_deployment_sets_resources() -> None:
         resources = spec["resources"]
         for bound in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(resources[bound]), f"{spec['name']}: {bound}"
+
+
+def test_memory_limit_leaves_room_above_what_floods_hold_a_worker_to() -> None:
+    limit = container()["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi"), limit
+    mebibytes = int(limit.removesuffix("Mi"))
+    # MB in the ceiling, MiB in the manifest: 400 MB is about 381 MiB.
+    assert mebibytes * 1.048576 >= WORKER_RSS_CEILING_MB * 1.25, limit
 
 
 def test_deployment_runs_as_the_images_non_root_user() -> None:

@@ -51,7 +51,12 @@ from bench.floods import (
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
 from service.migrations import upgrade_to_head
-from tests.support import ServiceProcess, subprocess_env, wait_until_serving
+from tests.support import (
+    WORKER_RSS_CEILING_MB,
+    ServiceProcess,
+    subprocess_env,
+    wait_until_serving,
+)
 
 # Small enough for these floods to hit the cap many times over.
 SERVER_SETTINGS = {
@@ -72,7 +77,7 @@ SETTLE_SECONDS = 5.0
 # Idle is about 85 MiB. A server that keeps every undelivered ListUsers page
 # (about 250 KB each) of clients that never read passes the ceiling in
 # NEVER_READ_SECONDS on 2 cores; one that bounds them stays far below.
-RSS_CEILING_MB = 400
+RSS_CEILING_MB = WORKER_RSS_CEILING_MB
 RSS_RETURN_MB = 100
 # A request under grpc's 64 KiB limit (about 59 KB) and one far over it (1 MB).
 MASK_PATHS_UNDER_LIMIT = 6_000
