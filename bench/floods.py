@@ -57,11 +57,10 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -77,6 +76,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from sqlalchemy.engine import make_url
 
+from bench.servers import database
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
 
@@ -947,21 +947,6 @@ def format_summary(reports: Sequence[Report]) -> str:
 # --- the server and its database ------------------------------------------------------
 
 
-@contextmanager
-def database() -> Iterator[str]:
-    """BENCH_DATABASE_URL, or a throw-away embedded PostgreSQL."""
-    if url := os.environ.get("BENCH_DATABASE_URL"):
-        yield url
-        return
-    from service.embedded import embedded_postgres
-
-    with (
-        tempfile.TemporaryDirectory(prefix="pat-users-floods-") as folder,
-        embedded_postgres(Path(folder) / "pgdata") as url,
-    ):
-        yield url
-
-
 def server_env(root: Path, **overrides: str) -> dict[str, str]:
     """The environment of a server (or migration) run from the checkout at `root`.
 
@@ -1263,7 +1248,7 @@ def main() -> None:
         f"# floods: {json.dumps({k: v for k, v in run_conditions.items() if k != 'args'})}",
         flush=True,
     )
-    with database() as url:
+    with database(prefix="pat-users-floods-") as url:
         migrate(Path(args.server_root).resolve(), url)
         reports = asyncio.run(run_floods(args, url))
     print("\n" + format_summary(reports))

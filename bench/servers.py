@@ -52,15 +52,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def database() -> Iterator[str]:
-    """BENCH_DATABASE_URL, or a throw-away embedded PostgreSQL."""
+def database(prefix: str = "pat-users-bench-") -> Iterator[str]:
+    """BENCH_DATABASE_URL, or a throw-away embedded PostgreSQL in a `prefix` folder."""
     if url := os.environ.get("BENCH_DATABASE_URL"):
         yield url
         return
     from service.embedded import embedded_postgres
 
     with (
-        tempfile.TemporaryDirectory(prefix="pat-users-bench-") as folder,
+        tempfile.TemporaryDirectory(prefix=prefix) as folder,
         embedded_postgres(Path(folder) / "pgdata") as url,
     ):
         yield url

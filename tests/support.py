@@ -128,6 +128,23 @@ async def service_queries_waiting_for_locks(url: str, starting_with: str = "") -
     return int(rows[0]["n"])
 
 
+async def update_held_on_a_row_lock(url: str, stub: UserServiceStub) -> tuple[Failure, float]:
+    """An UpdateUser whose row the test holds locked, with a 10 s deadline.
+
+    Returns its failure and how many seconds it took: a server statement
+    timeout ends it well before the caller's deadline.
+    """
+    user = await create_user(stub)
+    lock = await hold_row_lock(url, user.id)
+    try:
+        request = pb.UpdateUserRequest(user=user_pb2.User(id=user.id, display_name="late"))
+        started = time.monotonic()
+        failure = await fails(stub.UpdateUser(request, timeout=10))
+        return failure, time.monotonic() - started
+    finally:
+        await lock.close()
+
+
 USER_SERVICE_RPCS = (
     "CreateUser",
     "GetUser",

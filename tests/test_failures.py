@@ -1,7 +1,6 @@
 """What callers see when the database misbehaves: retryable codes, no internals."""
 
 import asyncio
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -21,6 +20,7 @@ from tests.support import (
     run_sql,
     service_queries_waiting_for_locks,
     serving,
+    update_held_on_a_row_lock,
     user_service,
 )
 
@@ -84,15 +84,7 @@ async def test_statement_timeout_is_deadline_exceeded(new_database: Callable[[],
         serving(url, db_statement_timeout_seconds=0.3) as running,
         user_service(running) as stub,
     ):
-        user = await create_user(stub)
-        lock = await hold_row_lock(url, user.id)
-        try:
-            request = pb.UpdateUserRequest(user=user_pb2.User(id=user.id, display_name="late"))
-            started = time.monotonic()
-            failure = await fails(stub.UpdateUser(request, timeout=10))
-            took = time.monotonic() - started
-        finally:
-            await lock.close()
+        failure, took = await update_held_on_a_row_lock(url, stub)
         assert failure.code == grpc.StatusCode.DEADLINE_EXCEEDED
         # The client's own 10 s deadline would give DEADLINE_EXCEEDED too: the server's
         # message and a failure well before that deadline show the 0.3 s statement

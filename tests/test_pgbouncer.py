@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 
@@ -38,7 +37,6 @@ from tests.support import (
     eventually,
     fails,
     health_status,
-    hold_row_lock,
     prepared_statements_per_server_connection,
     run_sql,
     server_settings,
@@ -46,6 +44,7 @@ from tests.support import (
     serving_through,
     set_database_statement_timeout,
     subprocess_env,
+    update_held_on_a_row_lock,
     user_service,
     wait_until_serving,
 )
@@ -167,15 +166,7 @@ async def test_statement_timeout_holds_through_pgbouncer(
         serving_through(pgbouncer, url, db_statement_timeout_seconds=0.3) as running,
         user_service(running) as stub,
     ):
-        user = await create_user(stub)
-        lock = await hold_row_lock(url, user.id)
-        try:
-            request = pb.UpdateUserRequest(user=user_pb2.User(id=user.id, display_name="late"))
-            started = time.monotonic()
-            failure = await fails(stub.UpdateUser(request, timeout=10))
-            took = time.monotonic() - started
-        finally:
-            await lock.close()
+        failure, took = await update_held_on_a_row_lock(url, stub)
     assert failure.code == grpc.StatusCode.DEADLINE_EXCEEDED
     # The server's own message, well before the caller's 10 s: the 0.3 s timeout cut it short.
     assert failure.message == "the database took too long; the work was cancelled"
