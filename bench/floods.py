@@ -826,6 +826,8 @@ class Report:
     health_statuses: list[str]
     health_stream_errors: list[str]
     pool_renewed: bool
+    # The server's ERROR lines during the flood (cleanup after cancelled calls included).
+    server_errors: list[str]
     caller: dict[str, Any]
 
 
@@ -877,6 +879,7 @@ async def observe(
         health_statuses=health.statuses_seen(),
         health_stream_errors=health.stream_errors,
         pool_renewed=any("pool renewed" in line for line in list(log)[log_start:]),
+        server_errors=[line for line in list(log)[log_start:] if " ERROR " in line],
         caller=caller.summary(),
     )
 
@@ -904,6 +907,7 @@ def format_report(report: Report) -> str:
             f"{report.health_not_serving_s:.1f} s, watch errors {len(report.health_stream_errors)}",
         ),
         ('"pool renewed"', "yes" if report.pool_renewed else "no"),
+        ("server ERROR lines", str(len(report.server_errors))),
         (
             "well-behaved",
             f"{caller['calls']} calls, failures: {failures}, retries {caller['retries']}, "

@@ -1,5 +1,6 @@
 """The one engine and the one session factory, and DATABASE_URL's accepted forms."""
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -168,11 +169,12 @@ async def read(
 
     The session comes from the shared sessionmaker as always, but connecting,
     every statement and closing happen inside one `run_sync`: one greenlet per
-    RPC instead of one per await, and no shielded close task. A read is one
+    RPC instead of one per await, and no close task unless the call is
+    cancelled. A read is one
     statement, which sees one snapshot anyway: skipping BEGIN and ROLLBACK
     saves two of its three round trips.
     """
-    return await sessions().run_sync(_autocommit, work, *args, **kwargs)
+    return await _in_one_greenlet(sessions(), _autocommit, work, *args, **kwargs)
 
 
 async def write(
@@ -188,7 +190,32 @@ async def write(
     once a row lock is released) is rolled back instead of committing behind
     a DEADLINE_EXCEEDED.
     """
-    return await sessions().run_sync(_transaction, work, *args, **kwargs)
+    return await _in_one_greenlet(sessions(), _transaction, work, *args, **kwargs)
+
+
+async def _in_one_greenlet(
+    session: AsyncSession,
+    run: Callable[Concatenate[Session, Callable[Concatenate[Session, P], T], P], T],
+    work: Callable[Concatenate[Session, P], T],
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> T:
+    try:
+        return await session.run_sync(run, work, *args, **kwargs)
+    except asyncio.CancelledError:
+        # Cancelled mid-statement (the caller's deadline): the connection is
+        # busy and must be reset or discarded. That happens in a task of its
+        # own, which a second cancellation of this one cannot cut short, as
+        # AsyncSession's own `async with` does.
+        closing = asyncio.ensure_future(session.close())
+        closing.add_done_callback(_log_close_failure)
+        await asyncio.shield(closing)
+        raise
+
+
+def _log_close_failure(closing: "asyncio.Future[None]") -> None:
+    if not closing.cancelled() and (error := closing.exception()) is not None:
+        logger.warning("closing a cancelled call's session failed: %r", error)
 
 
 def _autocommit(
@@ -200,11 +227,12 @@ def _autocommit(
 ) -> T:
     try:
         session.connection(execution_options=_AUTOCOMMIT)
-        return work(session, *args, **kwargs)
-    finally:
-        # Also on cancellation: the connection goes back to the pool (reset,
-        # or discarded if a cancelled query left it unusable).
+        result = work(session, *args, **kwargs)
+    except Exception:
         session.close()
+        raise
+    session.close()
+    return result
 
 
 def _transaction(
@@ -215,7 +243,11 @@ def _transaction(
     **kwargs: P.kwargs,
 ) -> T:
     try:
-        with session.begin():
-            return work(session, *args, **kwargs)
-    finally:
-        session.close()
+        session.begin()
+        result = work(session, *args, **kwargs)
+        session.commit()
+    except Exception:
+        session.close()  # rolls back
+        raise
+    session.close()
+    return result

