@@ -46,7 +46,6 @@ class Admission:
         self._loop_lag = loop_lag
         self._shed_lag = shed_lag
         self.in_progress = 0
-        self.refused = 0
         self.unsent_bytes = 0
         self._unsent_by_peer: dict[str, int] = {}
 
@@ -57,7 +56,6 @@ class Admission:
             or self._loop_lag.last >= self._shed_lag
             or (self.unsent_bytes >= self.unsent_budget and self._behind(context.peer()))
         ):
-            self.refused += 1
             raise Overloaded()
         self.in_progress += 1
 

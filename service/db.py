@@ -2,8 +2,7 @@
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import event
@@ -135,22 +134,9 @@ def _require_server_statement_timeout(engine: AsyncEngine, limit_ms: int) -> Non
 
 
 def create_sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    # expire_on_commit=False: rows stay readable after commit, for to_proto.
+    # expire_on_commit=False: nothing to reload after a commit (RPCs return the
+    # Core rows their statements gave back).
     return async_sessionmaker(engine, expire_on_commit=False)
-
-
-@asynccontextmanager
-async def read_session(
-    sessions: async_sessionmaker[AsyncSession],
-) -> AsyncIterator[AsyncSession]:
-    """A session for a read that is one statement: it runs in autocommit mode.
-
-    One statement sees one consistent snapshot anyway, and skipping BEGIN and
-    ROLLBACK saves two of a read's three round trips to PostgreSQL.
-    """
-    async with sessions() as session:
-        await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-        yield session
 
 
 P = ParamSpec("P")
@@ -170,9 +156,8 @@ async def read(
     The session comes from the shared sessionmaker as always, but connecting,
     every statement and closing happen inside one `run_sync`: one greenlet per
     RPC instead of one per await, and no close task unless the call is
-    cancelled. A read is one
-    statement, which sees one snapshot anyway: skipping BEGIN and ROLLBACK
-    saves two of its three round trips.
+    cancelled. A read is one statement, which sees one snapshot anyway:
+    skipping BEGIN and ROLLBACK saves two of its three round trips.
     """
     return await _in_one_greenlet(sessions(), _autocommit, work, *args, **kwargs)
 

@@ -200,7 +200,7 @@ class NotDeleted(ServiceError):
 
 
 class Overloaded(ServiceError):
-    """This process has MAX_CONCURRENT_RPCS calls in progress; the call was not started."""
+    """Admission refused the call (see admission.py); it was not started."""
 
     code = code_pb2.UNAVAILABLE
     RETRY_DELAY_SECONDS = 0.2
