@@ -5,7 +5,7 @@ import warnings
 
 from pat.users.v1 import user_service_pb2 as pat_dot_users_dot_v1_dot_user__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
