@@ -103,6 +103,30 @@ class Settings(BaseSettings):
     # do not survive a restart nor cross replicas; set it in production.
     page_token_secret: SecretStr | None = None
 
+    # TLS: with a certificate and key, GRPC_PORT serves TLS only. The files are
+    # re-read when they change, so certificates rotate without a restart.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # mTLS: clients must present a certificate signed by a CA in this file;
+    # its identity (first DNS SAN, else the subject's CN) authenticates the caller.
+    tls_client_ca_file: Path | None = None
+    # A second, plaintext port carrying grpc.health.v1 alone, for probes that
+    # speak neither TLS nor tokens (Kubernetes grpc: probes). Unset: none.
+    health_port: int | None = Field(default=None, ge=0, le=65535)
+    # Callers' bearer tokens: one `NAME sha256:HEX [METHOD,...]` line each
+    # (README, "Callers and tokens"). Set (or with mTLS), UserService calls
+    # without valid credentials are UNAUTHENTICATED. Re-read when it changes.
+    auth_tokens_file: Path | None = None
+    # Server reflection: "open" to anyone, "authenticated" like UserService, or "off".
+    reflection: Literal["open", "authenticated", "off"] = "open"
+    # Prometheus metrics (grpc.server.* and the service's gauges) on this port. Unset: none.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # OpenTelemetry's standard variable: set, spans of every RPC and its SQL
+    # are exported there over OTLP/gRPC (traces' other OTEL_* variables apply).
+    otel_exporter_otlp_endpoint: str | None = None
+    # One log line per RPC (method, status, duration, peer, caller, request id).
+    access_log: bool = True
+
     # uvloop (when installed; it is on Linux) or the standard library's loop.
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
