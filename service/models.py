@@ -11,9 +11,11 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
+    Identity,
     Index,
     LargeBinary,
     MetaData,
+    SmallInteger,
     Text,
     func,
     text,
@@ -70,3 +72,56 @@ class User(Base):
             f"char_length(display_name) <= {MAX_DISPLAY_NAME_LENGTH}", name="display_name_length"
         ),
     )
+
+
+class UserChange(Base):
+    """The outbox of WatchUsers: one row per committed write of a user.
+
+    Filled by the trigger `users_record_change` (migration 0002), in the
+    transaction of the write: a change exists if and only if its write
+    committed. Feed order is (xid, seq). `seq` alone is not: identities are
+    handed out before commit, so a later one can commit first; a reader reads
+    only changes of transactions older than every transaction still running
+    (xid < pg_snapshot_xmin), which can no longer gain an earlier change.
+    The user's columns carry the same names as in `users`, so a change row
+    converts like a user row.
+    """
+
+    __tablename__ = "user_changes"
+
+    # pg_current_xact_id() of the writing transaction (an xid8, as bigint).
+    xid: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    # 1 created, 2 updated, 3 deleted, 4 undeleted: pat.users.v1.UserChange.Kind.
+    kind: Mapped[int] = mapped_column(SmallInteger)
+    change_time: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    id: Mapped[uuid.UUID]
+    email: Mapped[str] = mapped_column(Text)
+    display_name: Mapped[str] = mapped_column(Text)
+    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    delete_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    version: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        CheckConstraint("kind BETWEEN 1 AND 4", name="kind"),
+        # Retention deletes by age.
+        Index("ix_user_changes_change_time", change_time),
+    )
+
+
+class ChangeHorizon(Base):
+    """One row: the feed position up to which retention has deleted changes.
+
+    A resume token at or after it can still be honoured; one before it cannot.
+    """
+
+    __tablename__ = "user_changes_horizon"
+
+    singleton: Mapped[bool] = mapped_column(primary_key=True, server_default=text("true"))
+    xid: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    seq: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+
+    __table_args__ = (CheckConstraint("singleton", name="singleton"),)

@@ -73,7 +73,12 @@ async def test_cli_upgrade_downgrade_upgrade_round_trips(
 
     upgraded = await asyncio.to_thread(alembic, "upgrade", "head", database_url=url)
     assert upgraded.returncode == 0, upgraded.stderr
-    assert await _tables(url) == {"users", "alembic_version"}
+    assert await _tables(url) == {
+        "users",
+        "user_changes",
+        "user_changes_horizon",
+        "alembic_version",
+    }
 
     downgraded = await asyncio.to_thread(alembic, "downgrade", "base", database_url=url)
     assert downgraded.returncode == 0, downgraded.stderr
