@@ -1,6 +1,7 @@
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from pat.users.v1 import user_pb2 as _user_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -117,3 +118,51 @@ class UndeleteUserResponse(_message.Message):
     USER_FIELD_NUMBER: _ClassVar[int]
     user: _user_pb2.User
     def __init__(self, user: _Optional[_Union[_user_pb2.User, _Mapping]] = ...) -> None: ...
+
+class WatchUsersRequest(_message.Message):
+    __slots__ = ("resume_token",)
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    resume_token: str
+    def __init__(self, resume_token: _Optional[str] = ...) -> None: ...
+
+class WatchUsersResponse(_message.Message):
+    __slots__ = ("changes", "heartbeat", "resume_token")
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    changes: ChangeBatch
+    heartbeat: Heartbeat
+    resume_token: str
+    def __init__(self, changes: _Optional[_Union[ChangeBatch, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., resume_token: _Optional[str] = ...) -> None: ...
+
+class ChangeBatch(_message.Message):
+    __slots__ = ("changes",)
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    changes: _containers.RepeatedCompositeFieldContainer[UserChange]
+    def __init__(self, changes: _Optional[_Iterable[_Union[UserChange, _Mapping]]] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UserChange(_message.Message):
+    __slots__ = ("kind", "user", "resume_token")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[UserChange.Kind]
+        KIND_CREATED: _ClassVar[UserChange.Kind]
+        KIND_UPDATED: _ClassVar[UserChange.Kind]
+        KIND_DELETED: _ClassVar[UserChange.Kind]
+        KIND_UNDELETED: _ClassVar[UserChange.Kind]
+    KIND_UNSPECIFIED: UserChange.Kind
+    KIND_CREATED: UserChange.Kind
+    KIND_UPDATED: UserChange.Kind
+    KIND_DELETED: UserChange.Kind
+    KIND_UNDELETED: UserChange.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    kind: UserChange.Kind
+    user: _user_pb2.User
+    resume_token: str
+    def __init__(self, kind: _Optional[_Union[UserChange.Kind, str]] = ..., user: _Optional[_Union[_user_pb2.User, _Mapping]] = ..., resume_token: _Optional[str] = ...) -> None: ...

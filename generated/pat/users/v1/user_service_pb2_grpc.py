@@ -110,6 +110,11 @@ class UserServiceStub:
                 request_serializer=pat_dot_users_dot_v1_dot_user__service__pb2.UndeleteUserRequest.SerializeToString,
                 response_deserializer=pat_dot_users_dot_v1_dot_user__service__pb2.UndeleteUserResponse.FromString,
                 _registered_method=True)
+        self.WatchUsers = channel.unary_stream(
+                '/pat.users.v1.UserService/WatchUsers',
+                request_serializer=pat_dot_users_dot_v1_dot_user__service__pb2.WatchUsersRequest.SerializeToString,
+                response_deserializer=pat_dot_users_dot_v1_dot_user__service__pb2.WatchUsersResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -220,6 +225,33 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchUsers(self, request, context):
+        """Streams every committed change to users, from now or from a
+        `resume_token`, never skipping one: each response holds a batch of
+        changes or a heartbeat, and a `resume_token` that resumes right after it.
+        Changes come in the order of their transactions. After a disconnect,
+        call again with the last `resume_token` received: no change is lost, and
+        at most those after that token come twice.
+
+        To keep a copy of all users: open a watch and keep its first response
+        (a heartbeat) coming, list every page (ListUsers with show_deleted), then
+        apply the watched changes, keeping per user the state with the highest
+        etag. For this, a user's etags are decimal numbers that grow with every
+        write of that user: compare them as integers. (Two writes racing on one
+        user without etags may arrive in either order; the etag tells.)
+
+        A stream ends with UNAVAILABLE (google.rpc.ErrorInfo reason
+        "WATCHER_TOO_SLOW" when the caller read too slowly to keep up, "DRAINING"
+        when the server shuts down): resume from the last token, on this or
+        another replica. A token older than the server's retention of changes
+        (days) fails at once with OUT_OF_RANGE, reason "RESUME_TOKEN_EXPIRED":
+        re-list, then watch from now. A malformed or forged token is
+        INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -262,6 +294,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.UndeleteUser,
                     request_deserializer=pat_dot_users_dot_v1_dot_user__service__pb2.UndeleteUserRequest.FromString,
                     response_serializer=pat_dot_users_dot_v1_dot_user__service__pb2.UndeleteUserResponse.SerializeToString,
+            ),
+            'WatchUsers': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchUsers,
+                    request_deserializer=pat_dot_users_dot_v1_dot_user__service__pb2.WatchUsersRequest.FromString,
+                    response_serializer=pat_dot_users_dot_v1_dot_user__service__pb2.WatchUsersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,6 +553,33 @@ class UserService:
             '/pat.users.v1.UserService/UndeleteUser',
             pat_dot_users_dot_v1_dot_user__service__pb2.UndeleteUserRequest.SerializeToString,
             pat_dot_users_dot_v1_dot_user__service__pb2.UndeleteUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pat.users.v1.UserService/WatchUsers',
+            pat_dot_users_dot_v1_dot_user__service__pb2.WatchUsersRequest.SerializeToString,
+            pat_dot_users_dot_v1_dot_user__service__pb2.WatchUsersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -106,6 +106,29 @@ class UserServiceStub:
     deleted is FAILED_PRECONDITION; if another live user took its email
     meanwhile, ALREADY_EXISTS.
     """
+    WatchUsers: _grpc.UnaryStreamMultiCallable[_user_service_pb2.WatchUsersRequest, _user_service_pb2.WatchUsersResponse]
+    """Streams every committed change to users, from now or from a
+    `resume_token`, never skipping one: each response holds a batch of
+    changes or a heartbeat, and a `resume_token` that resumes right after it.
+    Changes come in the order of their transactions. After a disconnect,
+    call again with the last `resume_token` received: no change is lost, and
+    at most those after that token come twice.
+
+    To keep a copy of all users: open a watch and keep its first response
+    (a heartbeat) coming, list every page (ListUsers with show_deleted), then
+    apply the watched changes, keeping per user the state with the highest
+    etag. For this, a user's etags are decimal numbers that grow with every
+    write of that user: compare them as integers. (Two writes racing on one
+    user without etags may arrive in either order; the etag tells.)
+
+    A stream ends with UNAVAILABLE (google.rpc.ErrorInfo reason
+    "WATCHER_TOO_SLOW" when the caller read too slowly to keep up, "DRAINING"
+    when the server shuts down): resume from the last token, on this or
+    another replica. A token older than the server's retention of changes
+    (days) fails at once with OUT_OF_RANGE, reason "RESUME_TOKEN_EXPIRED":
+    re-list, then watch from now. A malformed or forged token is
+    INVALID_ARGUMENT.
+    """
 
 @_typing.type_check_only
 class UserServiceAsyncStub(UserServiceStub):
@@ -184,6 +207,29 @@ class UserServiceAsyncStub(UserServiceStub):
     """Restores a soft-deleted user: clears `delete_time`. A user that is not
     deleted is FAILED_PRECONDITION; if another live user took its email
     meanwhile, ALREADY_EXISTS.
+    """
+    WatchUsers: _aio.UnaryStreamMultiCallable[_user_service_pb2.WatchUsersRequest, _user_service_pb2.WatchUsersResponse]  # type: ignore[assignment]
+    """Streams every committed change to users, from now or from a
+    `resume_token`, never skipping one: each response holds a batch of
+    changes or a heartbeat, and a `resume_token` that resumes right after it.
+    Changes come in the order of their transactions. After a disconnect,
+    call again with the last `resume_token` received: no change is lost, and
+    at most those after that token come twice.
+
+    To keep a copy of all users: open a watch and keep its first response
+    (a heartbeat) coming, list every page (ListUsers with show_deleted), then
+    apply the watched changes, keeping per user the state with the highest
+    etag. For this, a user's etags are decimal numbers that grow with every
+    write of that user: compare them as integers. (Two writes racing on one
+    user without etags may arrive in either order; the etag tells.)
+
+    A stream ends with UNAVAILABLE (google.rpc.ErrorInfo reason
+    "WATCHER_TOO_SLOW" when the caller read too slowly to keep up, "DRAINING"
+    when the server shuts down): resume from the last token, on this or
+    another replica. A token older than the server's retention of changes
+    (days) fails at once with OUT_OF_RANGE, reason "RESUME_TOKEN_EXPIRED":
+    re-list, then watch from now. A malformed or forged token is
+    INVALID_ARGUMENT.
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -308,6 +354,35 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Restores a soft-deleted user: clears `delete_time`. A user that is not
         deleted is FAILED_PRECONDITION; if another live user took its email
         meanwhile, ALREADY_EXISTS.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchUsers(
+        self,
+        request: _user_service_pb2.WatchUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_user_service_pb2.WatchUsersResponse], _abc.AsyncIterator[_user_service_pb2.WatchUsersResponse]]:
+        """Streams every committed change to users, from now or from a
+        `resume_token`, never skipping one: each response holds a batch of
+        changes or a heartbeat, and a `resume_token` that resumes right after it.
+        Changes come in the order of their transactions. After a disconnect,
+        call again with the last `resume_token` received: no change is lost, and
+        at most those after that token come twice.
+
+        To keep a copy of all users: open a watch and keep its first response
+        (a heartbeat) coming, list every page (ListUsers with show_deleted), then
+        apply the watched changes, keeping per user the state with the highest
+        etag. For this, a user's etags are decimal numbers that grow with every
+        write of that user: compare them as integers. (Two writes racing on one
+        user without etags may arrive in either order; the etag tells.)
+
+        A stream ends with UNAVAILABLE (google.rpc.ErrorInfo reason
+        "WATCHER_TOO_SLOW" when the caller read too slowly to keep up, "DRAINING"
+        when the server shuts down): resume from the last token, on this or
+        another replica. A token older than the server's retention of changes
+        (days) fails at once with OUT_OF_RANGE, reason "RESUME_TOKEN_EXPIRED":
+        re-list, then watch from now. A malformed or forged token is
+        INVALID_ARGUMENT.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
