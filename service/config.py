@@ -4,6 +4,7 @@ Every variable is documented in the README's "Configuration" section; the
 defaults suit `make run` on a laptop.
 """
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -126,6 +127,23 @@ class Settings(BaseSettings):
     otel_exporter_otlp_endpoint: str | None = None
     # One log line per RPC (method, status, duration, peer, caller, request id).
     access_log: bool = True
+
+    # WatchUsers. Changes are kept this long (seconds, or ISO 8601 such as
+    # P3D); a resume token older than that fails with OUT_OF_RANGE.
+    change_retention: timedelta = Field(default=timedelta(days=3), gt=timedelta(0))
+    # How often old changes are deleted (in batches, by one process at a time).
+    change_retention_interval_seconds: float = Field(default=60, gt=0)
+    # A quiet watch gets a heartbeat (with a fresh resume token) this often.
+    watch_heartbeat_seconds: float = Field(default=15, gt=0)
+    # Changes are read when the database notifies a commit, and at least this
+    # often anyway (notifications are lost through PgBouncer or a reconnect).
+    change_poll_seconds: float = Field(default=1.0, gt=0)
+    # Responses a watch may have pending before it is ended as too slow
+    # (UNAVAILABLE, WATCHER_TOO_SLOW); each holds up to 500 changes.
+    watch_buffer_batches: int = Field(default=64, ge=1)
+    # Watches open at once in this process (they are not counted in
+    # MAX_CONCURRENT_RPCS); beyond it, UNAVAILABLE (OVERLOADED).
+    max_watchers: int = Field(default=1000, ge=1)
 
     # uvloop (when installed; it is on Linux) or the standard library's loop.
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"

@@ -232,6 +232,42 @@ class TransactionConflict(ServiceError):
         return [error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN)]
 
 
+class ResumeTokenExpired(ServiceError):
+    """WatchUsers' resume token points before changes retention has deleted."""
+
+    code = code_pb2.OUT_OF_RANGE
+
+    def __init__(self) -> None:
+        super().__init__(
+            "resume_token is older than the changes the server keeps; "
+            "list the users again, then watch from now"
+        )
+
+    def details(self) -> list[Message]:
+        return [error_details_pb2.ErrorInfo(reason="RESUME_TOKEN_EXPIRED", domain=ERROR_DOMAIN)]
+
+
+class WatchEnded(ServiceError):
+    """A watch the server ended; the caller resumes from its last resume_token."""
+
+    code = code_pb2.UNAVAILABLE
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{message}; resume from the last resume_token received")
+        self.reason = reason
+
+    def details(self) -> list[Message]:
+        return [error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN)]
+
+
+def watcher_too_slow() -> WatchEnded:
+    return WatchEnded("WATCHER_TOO_SLOW", "the watch fell too far behind the changes")
+
+
+def draining() -> WatchEnded:
+    return WatchEnded("DRAINING", "the server is shutting down")
+
+
 def _sqlstate(error: sa_exc.DBAPIError) -> str:
     return str(getattr(error.orig, "sqlstate", "") or "")
 

@@ -19,10 +19,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pat.users.v1 import user_service_pb2, user_service_pb2_grpc
 from service.admission import Admission
+from service.change_feed import ChangeFeed, FeedSettings
 from service.config import Settings
 from service.db import create_engine, create_sessions, normalize_url
 from service.errors import Behavior, Undecodable, UndecodableRequest, abort, tolerant
@@ -31,6 +33,7 @@ from service.loop_lag import LoopLag
 from service.memory import trim_forever
 from service.migrations import head_revision
 from service.page_tokens import PageTokens
+from service.resume_tokens import ResumeTokens
 from service.servicer import UserService
 
 logger = logging.getLogger(__name__)
@@ -53,11 +56,13 @@ class RunningServer:
     admission: Admission
     loop_lag: LoopLag
     memory_trim: asyncio.Task[None]
+    feed: ChangeFeed
 
     async def stop(self, *, drain_seconds: float, grace_seconds: float) -> None:
         """Graceful stop: NOT_SERVING → drain → refuse new RPCs → finish in-flight ones."""
         logger.info("shutting down: health NOT_SERVING, draining for %.1fs", drain_seconds)
         await self.health.enter_graceful_shutdown()
+        await self.feed.close()  # watches end now, resumable: they would hold the drain
         await asyncio.sleep(drain_seconds)
         logger.info("refusing new RPCs; in-flight RPCs have %.1fs to finish", grace_seconds)
         await self.server.stop(grace_seconds)
@@ -85,7 +90,11 @@ async def start(settings: Settings, database_url: str) -> RunningServer:
         settings.shed_loop_lag_seconds,
     )
     server = grpc.aio.server(options=_server_options(settings))
-    servicer = UserService(create_sessions(engine), PageTokens(_page_token_secret(settings)))
+    sessions = create_sessions(engine)
+    token_secret = _page_token_secret(settings)
+    resume_tokens = ResumeTokens(token_secret)
+    feed = ChangeFeed(sessions, resume_tokens, _direct_dsn(settings, url), _feed_settings(settings))
+    servicer = UserService(sessions, PageTokens(token_secret), feed, resume_tokens)
     _add_guarded(
         user_service_pb2_grpc.add_UserServiceServicer_to_server, servicer, server, admission
     )
@@ -94,12 +103,13 @@ async def start(settings: Settings, database_url: str) -> RunningServer:
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     loop_lag.start()
     await health.start()
+    feed.start()
     await server.start()
     logger.info(
         "listening on port %d (at most %d UserService calls in progress)", port, admission.limit
     )
     memory_trim = asyncio.create_task(trim_forever(), name="memory-trim")
-    return RunningServer(server, port, health, engine, admission, loop_lag, memory_trim)
+    return RunningServer(server, port, health, engine, admission, loop_lag, memory_trim, feed)
 
 
 def _server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -189,6 +199,8 @@ def _add_guarded(
     add_to_server(servicer, handlers)
     guarded = {
         name: _guarded_handler(handler, f"/{handlers.service}/{name}", admission)
+        if handler.unary_unary is not None
+        else _guarded_stream_handler(handler, f"/{handlers.service}/{name}")
         for name, handler in handlers.by_method.items()
     }
     server.add_generic_rpc_handlers(
@@ -234,6 +246,56 @@ def _guarded(
             await abort(context, error, method)
 
     return guarded
+
+
+def _guarded_stream_handler(
+    handler: grpc.RpcMethodHandler[Any, Any], method: str
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A server-streaming handler (WatchUsers) with undecodable requests and errors mapped.
+
+    Not admitted under MAX_CONCURRENT_RPCS: a watch lasts as long as its
+    caller wants; the change feed caps watches (MAX_WATCHERS) itself.
+    """
+    assert handler.unary_stream is not None
+    assert handler.request_deserializer is not None
+    behavior: Behavior = handler.unary_stream
+
+    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        try:
+            if isinstance(request, Undecodable):
+                raise UndecodableRequest()
+            await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise  # the handler already chose its status
+        except Exception as error:
+            await abort(context, error, method)
+
+    return grpc.unary_stream_rpc_method_handler(
+        guarded,
+        request_deserializer=tolerant(handler.request_deserializer),
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _direct_dsn(settings: Settings, database_url: URL) -> str:
+    """Where the change feed LISTENs: PostgreSQL itself, never a transaction pooler."""
+    direct = (
+        normalize_url(settings.migration_database_url, "MIGRATION_DATABASE_URL")
+        if settings.migration_database_url
+        else database_url
+    )
+    return direct.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _feed_settings(settings: Settings) -> FeedSettings:
+    return FeedSettings(
+        poll_seconds=settings.change_poll_seconds,
+        heartbeat_seconds=settings.watch_heartbeat_seconds,
+        buffer_batches=settings.watch_buffer_batches,
+        max_watchers=settings.max_watchers,
+        retention=settings.change_retention,
+        retention_interval_seconds=settings.change_retention_interval_seconds,
+    )
 
 
 def _page_token_secret(settings: Settings) -> bytes:

@@ -15,8 +15,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1 import user_service_pb2_grpc
 from service import db, users
+from service.change_feed import ChangeFeed
+from service.changes import Position
 from service.convert import to_proto
+from service.errors import FieldViolation, InvalidArgument
 from service.page_tokens import InvalidPageToken, PageTokens
+from service.resume_tokens import InvalidResumeToken, ResumeTokens
 from service.validation import Violations
 
 DEFAULT_PAGE_SIZE = 50
@@ -27,9 +31,17 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class UserService(user_service_pb2_grpc.UserServiceServicer):
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], page_tokens: PageTokens) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        page_tokens: PageTokens,
+        feed: ChangeFeed,
+        resume_tokens: ResumeTokens,
+    ) -> None:
         self._sessions = sessions
         self._page_tokens = page_tokens
+        self._feed = feed
+        self._resume_tokens = resume_tokens
 
     async def CreateUser(
         self, request: pb.CreateUserRequest, context: Context
@@ -135,6 +147,24 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         user_id, version = _id_and_etag(request)
         user = await db.write(self._sessions, users.undelete, user_id, expected_version=version)
         return pb.UndeleteUserResponse(user=to_proto(user))
+
+    # A coroutine that writes, where the stubs expect an iterator: grpc.aio
+    # takes either, and writing lets a watch race each write against its end.
+    async def WatchUsers(  # type: ignore[override]
+        self, request: pb.WatchUsersRequest, context: Context
+    ) -> None:
+        after = self._resume_position(request.resume_token)
+        async with self._feed.watch(after) as watch:
+            async for response in watch:
+                await watch.deliver(context.write(response))
+
+    def _resume_position(self, token: str) -> Position | None:
+        if not token:
+            return None
+        try:
+            return self._resume_tokens.read(token)
+        except InvalidResumeToken as error:
+            raise InvalidArgument([FieldViolation("resume_token", str(error))]) from None
 
 
 def _id_and_etag(request: pb.DeleteUserRequest | pb.UndeleteUserRequest) -> tuple[UUID, int | None]:
