@@ -31,7 +31,7 @@ run: $(INSTALLED)
 # `make test` runs a second time through a real PgBouncer in transaction mode.
 CONTRACT_TESTS := tests/test_create_get_lookup.py tests/test_list_users.py \
 	tests/test_update_delete.py tests/test_hostile_input.py tests/test_bounded_errors.py \
-	tests/test_deadlock.py tests/test_fuzz.py
+	tests/test_deadlock.py tests/test_fuzz.py tests/test_watch.py
 
 ## Lint everything, then run the tests against real PostgreSQL, and the
 ## contract's tests again through PgBouncer (DB_POOLER=pgbouncer).

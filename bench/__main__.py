@@ -10,6 +10,8 @@ measures, printing one row per run (rps, p50, p99, errors):
   alike: checked before anything is measured), each RPC on both back to back;
   Health/Check on the service; ListUsers page 1 and page 2,000 (page_size 50);
 - GetUser on 1 and on 2 workers (WORKERS=2);
+- WatchUsers: CreateUser with and without the outbox, and change-to-watcher
+  latency with 10 watchers (bench/watch.py);
 - the RSS of a fresh worker over 200,000 GetUser calls (--skip-rss);
 - 4 workers through PgBouncer on a PostgreSQL with max_connections 20.
 
@@ -34,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import identity, load, sections, servers
+from bench import identity, load, sections, servers, watch
 from bench.baseline import event_loop_runner
 from bench.load import Shape, have_h2load
 from bench.report import Report, Target, print_targets, ratio
@@ -42,7 +44,7 @@ from bench.seed import seed
 from service.migrations import upgrade_to_head
 
 PAIR_SECTIONS = ("list", "get", "lookup", "health", "create", "update")
-MAIN_DATABASE_SECTIONS = (*PAIR_SECTIONS, "workers", "rss")
+MAIN_DATABASE_SECTIONS = (*PAIR_SECTIONS, "workers", "watch", "rss")
 SECTIONS = (*MAIN_DATABASE_SECTIONS, "pgbouncer")
 SERVICE, BASELINE = "service", "baseline"
 
@@ -122,6 +124,9 @@ def _on_main_database(bench: sections.Bench, url: str, args: argparse.Namespace)
     if "workers" in args.names:
         with bench.report.timed("workers"):
             sections.workers(bench, url)
+    if "watch" in args.names:
+        with bench.report.timed("watch"):
+            watch.watch(bench, url)
     if "rss" in args.names:
         with bench.report.timed("rss"):
             sections.rss(bench, url, args.rss_requests)

@@ -75,12 +75,12 @@ def reads(bench: Bench, service: Server, baseline: Server, names: set[str]) -> N
     for rpc, request in requests.items():
         if rpc.lower().removesuffix("user") in names:
             path, body = f"{USER_SERVICE}/{rpc}", request.SerializeToString()
-            _rows(
+            rows(
                 bench, [(rpc, s, _fixed_runner(bench, s, path, body)) for s in (service, baseline)]
             )
     if "health" in names:
         body = health_pb2.HealthCheckRequest().SerializeToString()
-        _rows(bench, [("Health/Check", service, _fixed_runner(bench, service, HEALTH_CHECK, body))])
+        rows(bench, [("Health/Check", service, _fixed_runner(bench, service, HEALTH_CHECK, body))])
 
 
 Runner = Callable[[], Run]
@@ -92,17 +92,17 @@ def _fixed_runner(
     return lambda: fixed_body_run(server.address, path, body, shape or bench.shape)
 
 
-def _rows(bench: Bench, rows: list[tuple[str, Server, Runner]]) -> None:
+def rows(bench: Bench, planned: list[tuple[str, Server, Runner]]) -> None:
     """One row per (rpc, server): `bench.rounds` runs each, interleaved, the median by rps kept.
 
     Interleaving puts a noisy neighbour's burst on both sides of a ratio, and
     the median drops a run it hit alone. Every run's errors count, kept or not.
     """
-    runs: list[list[Run]] = [[] for _ in rows]
+    runs: list[list[Run]] = [[] for _ in planned]
     for _ in range(bench.rounds):
-        for done, (_, _, runner) in zip(runs, rows, strict=True):
+        for done, (_, _, runner) in zip(runs, planned, strict=True):
             done.append(runner())
-    for done, (rpc, server, _) in zip(runs, rows, strict=True):
+    for done, (rpc, server, _) in zip(runs, planned, strict=True):
         row = replace(sorted(done, key=lambda run: run.rps)[len(done) // 2], rpc=rpc)
         row.server, row.errors = server.name, sum(run.errors for run in done)
         if len(done) > 1:
@@ -121,7 +121,7 @@ def listing(bench: Bench, service: Server) -> None:
     far = pb.ListUsersRequest(page_size=LIST_PAGE_SIZE, page_token=_far_token(service))
     path = f"{USER_SERVICE}/ListUsers"
     pages = (("ListUsers page 1", first), (f"ListUsers page {LIST_FAR_PAGE:,}", far))
-    _rows(
+    rows(
         bench,
         [
             (label, service, _fixed_runner(bench, service, path, request.SerializeToString()))
@@ -147,10 +147,10 @@ def writes(bench: Bench, service: Server, baseline: Server, names: set[str]) -> 
     """CreateUser and UpdateUser on both servers, every call with a body of its own."""
     for rpc in ("CreateUser", "UpdateUser"):
         if rpc.lower().removesuffix("user") in names:
-            _rows(bench, [(rpc, s, _write_runner(bench, s, rpc)) for s in (service, baseline)])
+            rows(bench, [(rpc, s, write_runner(bench, s, rpc)) for s in (service, baseline)])
 
 
-def _write_runner(bench: Bench, server: Server, rpc: str) -> Runner:
+def write_runner(bench: Bench, server: Server, rpc: str) -> Runner:
     def run() -> Run:
         new = _create_body(server.name) if rpc == "CreateUser" else _update_body(bench, server.name)
         return varying_body_run(server.address, f"{USER_SERVICE}/{rpc}", new, bench.shape)
@@ -227,7 +227,7 @@ def workers(bench: Bench, url: str) -> None:
         servers.service(url, bench.pool_size, workers=2) as two,
     ):
         one.name, two.name = "service 1w", "service 2w"
-        _rows(bench, [("GetUser", s, _cpu_split(bench, s, body, shape)) for s in (one, two)])
+        rows(bench, [("GetUser", s, _cpu_split(bench, s, body, shape)) for s in (one, two)])
 
 
 def _cpu_split(bench: Bench, server: Server, body: bytes, shape: Shape) -> Runner:
@@ -292,8 +292,8 @@ def _through_pgbouncer(bench: Bench, direct: str) -> None:
         server.name = label
         body = pb.GetUserRequest(id=bench.read_id).SerializeToString()
         get = _fixed_runner(bench, server, f"{USER_SERVICE}/GetUser", body)
-        _rows(bench, [("GetUser", server, get)])
-        _rows(bench, [("CreateUser", server, _write_runner(bench, server, "CreateUser"))])
+        rows(bench, [("GetUser", server, get)])
+        rows(bench, [("CreateUser", server, write_runner(bench, server, "CreateUser"))])
     bench.report.figures["pgbouncer"] = {
         "workers": PGBOUNCER_WORKERS,
         "pool_size_per_worker": bench.pool_size,

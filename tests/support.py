@@ -145,6 +145,7 @@ async def update_held_on_a_row_lock(url: str, stub: UserServiceStub) -> tuple[Fa
         await lock.close()
 
 
+# The unary ones; WatchUsers streams (tests/test_watch.py).
 USER_SERVICE_RPCS = (
     "CreateUser",
     "GetUser",
@@ -496,7 +497,9 @@ async def serving_through(
     through = bouncer.url_for(database_url)
     settings = server_settings(through, db_pooler="pgbouncer", **overrides)
     await set_database_statement_timeout(database_url, settings.db_statement_timeout_seconds)
-    async with serving(through, db_pooler="pgbouncer", **overrides) as running:
+    # The change feed LISTENs on MIGRATION_DATABASE_URL: direct, as README says.
+    pooled = {"db_pooler": "pgbouncer", "migration_database_url": database_url}
+    async with serving(through, **pooled, **overrides) as running:
         yield running
 
 

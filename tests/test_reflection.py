@@ -44,7 +44,8 @@ async def test_lists_user_service_methods(server: RunningServer, channel: object
     result = await buf_curl(server, "--list-methods", url(server))
     assert result.returncode == 0, result.stderr
     listed = {m for m in result.stdout.split() if m.startswith("pat.users.v1.UserService/")}
-    assert listed == {f"pat.users.v1.UserService/{rpc}" for rpc in USER_SERVICE_RPCS}
+    every_rpc = (*USER_SERVICE_RPCS, "WatchUsers")
+    assert listed == {f"pat.users.v1.UserService/{rpc}" for rpc in every_rpc}
 
 
 def describe(port: int) -> tuple[dict[str, tuple[str, str]], list[str]]:
@@ -63,7 +64,7 @@ async def test_describes_user_service_like_grpcurl(server: RunningServer, channe
     methods, user_fields = await asyncio.to_thread(describe, server.port)
     assert methods == {
         rpc: (f"pat.users.v1.{rpc}Request", f"pat.users.v1.{rpc}Response")
-        for rpc in USER_SERVICE_RPCS
+        for rpc in (*USER_SERVICE_RPCS, "WatchUsers")
     }
     assert user_fields == [
         "id",

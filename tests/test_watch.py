@@ -195,6 +195,21 @@ async def test_a_malformed_resume_token_is_invalid_argument(
     assert says in failure.message
 
 
+@pytest.mark.parametrize(
+    "payload", [b"\xff\xff\xff", b"\x0a\x02\xff\xfe"], ids=["corrupt", "not-utf8"]
+)
+async def test_undecodable_bytes_are_invalid_argument(
+    channel: grpc.aio.Channel, payload: bytes
+) -> None:
+    raw = channel.unary_stream(
+        "/pat.users.v1.UserService/WatchUsers",
+        request_serializer=lambda data: data,
+        response_deserializer=lambda data: data,
+    )
+    failure = await fails(raw(payload, timeout=5).read())
+    assert failure.code == grpc.StatusCode.INVALID_ARGUMENT, failure.message
+
+
 async def test_a_page_token_is_not_a_resume_token(stub: UserServiceStub) -> None:
     await create_user(stub)
     await create_user(stub)
@@ -428,3 +443,15 @@ async def test_sigterm_ends_open_watches_at_once_resumably(
         assert await child.wait() == 0
     finally:
         await child.kill()
+
+
+async def test_watches_beyond_max_watchers_are_refused_as_overloaded(
+    database_url: str,
+) -> None:
+    async with serving(database_url, max_watchers=2) as running, user_service(running) as stub:
+        async with watching(stub), watching(stub):
+            failure = await fails(stub.WatchUsers(pb.WatchUsersRequest()).read())
+            assert failure.code == grpc.StatusCode.UNAVAILABLE
+            assert failure.detail(error_details_pb2.ErrorInfo).reason == "OVERLOADED"
+        async with watching(stub) as again:
+            assert again.heartbeats == 1, "a slot is free again once a watch ends"

@@ -1,0 +1,107 @@
+"""The change stream's figures: what the outbox costs writes, and change-to-watcher latency.
+
+- CreateUser with the outbox (the trigger of migration 0002 writes a change
+  and NOTIFYs in every write's transaction) and without it (the trigger
+  disabled), runs interleaved on one server: the outbox's cost per write.
+- Change-to-watcher latency: WATCHERS watches open, CreateUser calls paced
+  at about WRITE_RATE per second; for every change each watcher receives,
+  the time from the write's start to its arrival (p50, p99).
+"""
+
+import asyncio
+import time
+import uuid
+
+import grpc
+
+from bench import servers
+from bench.load import Run, percentiles
+from bench.sections import Bench, Runner, rows, write_runner
+from bench.servers import Server
+from pat.users.v1 import user_pb2
+from pat.users.v1 import user_service_pb2 as pb
+from pat.users.v1.user_service_pb2_grpc import UserServiceStub
+
+WATCHERS = 10
+WRITES = 600
+WRITE_RATE = 200  # per second
+TRIGGER = "users_record_change"
+
+
+def watch(bench: Bench, url: str) -> None:
+    with servers.service(url, bench.pool_size, workers=1) as service:
+        _outbox_cost(bench, url, service)
+        latencies = asyncio.run(_change_latencies(service.address))
+    p50, p99 = percentiles(latencies)
+    bench.report.figures["watch"] = {
+        "watchers": WATCHERS,
+        "writes": WRITES,
+        "write_rate": WRITE_RATE,
+        "deliveries": len(latencies),
+        "p50_ms": p50,
+        "p99_ms": p99,
+    }
+    bench.report.note(
+        f"WatchUsers: {WATCHERS} watchers, {WRITES} creates at ~{WRITE_RATE}/s: change-to-watcher"
+        f" latency (write start to arrival) p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+        f" over {len(latencies):,} deliveries"
+    )
+
+
+def _outbox_cost(bench: Bench, url: str, service: Server) -> None:
+    with_outbox = _toggled(url, service, write_runner(bench, service, "CreateUser"), enable=True)
+    without = _toggled(url, service, write_runner(bench, service, "CreateUser"), enable=False)
+    rows(
+        bench,
+        [
+            ("CreateUser (outbox)", service, with_outbox),
+            ("CreateUser (no outbox)", service, without),
+        ],
+    )
+    servers.query_value(url, f"ALTER TABLE users ENABLE TRIGGER {TRIGGER}")
+    outbox = bench.report.find("CreateUser (outbox)", service.name)
+    plain = bench.report.find("CreateUser (no outbox)", service.name)
+    if outbox and plain and plain.rps:
+        bench.report.note(
+            f"outbox: CreateUser {outbox.rps:,.0f} rps with it, {plain.rps:,.0f} without"
+            f" ({100 * (outbox.rps / plain.rps - 1):+.0f} %)"
+        )
+
+
+def _toggled(url: str, service: Server, runner: Runner, *, enable: bool) -> Runner:
+    state = "ENABLE" if enable else "DISABLE"
+
+    def run() -> Run:
+        servers.query_value(url, f"ALTER TABLE users {state} TRIGGER {TRIGGER}")
+        return runner()
+
+    return run
+
+
+async def _change_latencies(address: str) -> list[float]:
+    """Seconds from each write's start to each watcher's receipt of its change."""
+    started: dict[str, float] = {}
+    arrivals: list[tuple[str, float]] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = UserServiceStub(channel)
+        calls = [stub.WatchUsers(pb.WatchUsersRequest()) for _ in range(WATCHERS)]
+        for call in calls:
+            await call.read()  # the first heartbeat: the watch is in place
+        readers = [asyncio.ensure_future(_arrivals(call, arrivals)) for call in calls]
+        tag = uuid.uuid4().hex[:8]
+        for n in range(WRITES):
+            email = f"watch-{tag}-{n}@example.com"
+            started[email] = time.perf_counter()
+            await stub.CreateUser(pb.CreateUserRequest(user=user_pb2.User(email=email)))
+            await asyncio.sleep(max(0.0, started[email] + 1 / WRITE_RATE - time.perf_counter()))
+        await asyncio.sleep(1)
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+    return [at - started[email] for email, at in arrivals if email in started]
+
+
+async def _arrivals(call: grpc.aio.UnaryStreamCall, into: list[tuple[str, float]]) -> None:
+    while (response := await call.read()) is not grpc.aio.EOF:
+        now = time.perf_counter()
+        into.extend((change.user.email, now) for change in response.changes.changes)
