@@ -189,13 +189,15 @@ class ChangeFeed:
             raise draining()
         if len(self._subscriptions) >= self._settings.max_watchers:
             raise Overloaded()
-        if after is not None:
+        if after is None:  # the reader's head may be a poll interval old: ask
+            after = await db.read(self._sessions, changes.now)
+        else:
             await db.read(self._sessions, changes.require_retained, after)
         await self._head_known.wait()  # only until the database first answered
         subscription = Subscription(self.head, self._settings.buffer_batches)
         self._subscriptions.add(subscription)
         try:
-            yield Watch(self, subscription, after if after is not None else self.head)
+            yield Watch(self, subscription, after)
         finally:
             self._subscriptions.discard(subscription)
 
@@ -252,8 +254,11 @@ class ChangeFeed:
         loop = asyncio.get_running_loop()
         last_sent = loop.time()
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow
+            # the cancellation close() sends, and close() would wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._settings.poll_seconds)
+                async with asyncio.timeout(self._settings.poll_seconds):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 if await self._read_all():

@@ -26,7 +26,9 @@ from tests.support import (
     wait_until_serving,
 )
 
-IN_FLIGHT = 50
+# Each holds a connection: 40 leave room on the tests' PostgreSQL (100 connections)
+# for the session-wide test servers, PgBouncer and the change feeds.
+IN_FLIGHT = 40
 DRAIN_SECONDS = 2.0
 
 
