@@ -10,6 +10,9 @@ PROTOC = $(BIN)/python -m grpc_tools.protoc -Iprotos \
 	--python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) \
 	--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$(1) \
 	$(PROTOS)
+# Shipped with the stubs as they are: the callers' gRPC service config (retries, timeouts).
+STUB_DATA := $(shell find protos -name '*.json' | sort)
+COPY_STUB_DATA = for file in $(STUB_DATA); do cp "$$file" "$(1)/$${file\#protos/}"; done
 
 .PHONY: install run test fuzz lint format proto check-generated bench floods lock clean
 
@@ -58,11 +61,12 @@ format: $(INSTALLED)
 proto: $(INSTALLED)
 	rm -rf generated/pat && mkdir -p generated
 	$(call PROTOC,generated)
+	$(call COPY_STUB_DATA,generated)
 
 ## Fail when generated/ is not what protos/ produce.
 check-generated: $(INSTALLED)
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	$(call PROTOC,$$tmp) >/dev/null && \
+	$(call PROTOC,$$tmp) >/dev/null && $(call COPY_STUB_DATA,$$tmp) && \
 	diff -r --exclude=__pycache__ "$$tmp/pat" generated/pat \
 	  || { echo "generated/ is stale: run 'make proto' and commit the result" >&2; exit 1; }
 

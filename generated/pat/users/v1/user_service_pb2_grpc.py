@@ -5,7 +5,7 @@ import warnings
 
 from pat.users.v1 import user_service_pb2 as pat_dot_users_dot_v1_dot_user__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.0'
+GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -56,6 +56,14 @@ class UserServiceStub:
     * RESOURCE_EXHAUSTED: the request message is larger than the server accepts
     (64 KiB by default; the largest valid request is about 40 KB). Not
     retryable as it is.
+    * UNAUTHENTICATED: the server checks its callers (a tokens file or mTLS)
+    and the call carried no valid credentials: no `authorization: Bearer`
+    token it knows, nor a client certificate of a caller it knows. One
+    message, with google.rpc.ErrorInfo reason "UNAUTHENTICATED" (domain
+    "users.pat"), whatever was wrong: it never tells whether a caller exists.
+    * PERMISSION_DENIED: the caller is known but not allowed this method,
+    with google.rpc.ErrorInfo reason "METHOD_NOT_ALLOWED" (domain
+    "users.pat", metadata "method"). Not retryable.
     * DEADLINE_EXCEEDED: the caller's deadline passed, or a statement ran past
     the server's own limit; the database work was cancelled.
     * INTERNAL: anything unexpected; the message is generic.
@@ -148,6 +156,14 @@ class UserServiceServicer:
     * RESOURCE_EXHAUSTED: the request message is larger than the server accepts
     (64 KiB by default; the largest valid request is about 40 KB). Not
     retryable as it is.
+    * UNAUTHENTICATED: the server checks its callers (a tokens file or mTLS)
+    and the call carried no valid credentials: no `authorization: Bearer`
+    token it knows, nor a client certificate of a caller it knows. One
+    message, with google.rpc.ErrorInfo reason "UNAUTHENTICATED" (domain
+    "users.pat"), whatever was wrong: it never tells whether a caller exists.
+    * PERMISSION_DENIED: the caller is known but not allowed this method,
+    with google.rpc.ErrorInfo reason "METHOD_NOT_ALLOWED" (domain
+    "users.pat", metadata "method"). Not retryable.
     * DEADLINE_EXCEEDED: the caller's deadline passed, or a statement ran past
     the server's own limit; the database work was cancelled.
     * INTERNAL: anything unexpected; the message is generic.
@@ -339,6 +355,14 @@ class UserService:
     * RESOURCE_EXHAUSTED: the request message is larger than the server accepts
     (64 KiB by default; the largest valid request is about 40 KB). Not
     retryable as it is.
+    * UNAUTHENTICATED: the server checks its callers (a tokens file or mTLS)
+    and the call carried no valid credentials: no `authorization: Bearer`
+    token it knows, nor a client certificate of a caller it knows. One
+    message, with google.rpc.ErrorInfo reason "UNAUTHENTICATED" (domain
+    "users.pat"), whatever was wrong: it never tells whether a caller exists.
+    * PERMISSION_DENIED: the caller is known but not allowed this method,
+    with google.rpc.ErrorInfo reason "METHOD_NOT_ALLOWED" (domain
+    "users.pat", metadata "method"). Not retryable.
     * DEADLINE_EXCEEDED: the caller's deadline passed, or a statement ran past
     the server's own limit; the database work was cancelled.
     * INTERNAL: anything unexpected; the message is generic.

@@ -57,6 +57,14 @@ class UserServiceStub:
     * RESOURCE_EXHAUSTED: the request message is larger than the server accepts
       (64 KiB by default; the largest valid request is about 40 KB). Not
       retryable as it is.
+    * UNAUTHENTICATED: the server checks its callers (a tokens file or mTLS)
+      and the call carried no valid credentials: no `authorization: Bearer`
+      token it knows, nor a client certificate of a caller it knows. One
+      message, with google.rpc.ErrorInfo reason "UNAUTHENTICATED" (domain
+      "users.pat"), whatever was wrong: it never tells whether a caller exists.
+    * PERMISSION_DENIED: the caller is known but not allowed this method,
+      with google.rpc.ErrorInfo reason "METHOD_NOT_ALLOWED" (domain
+      "users.pat", metadata "method"). Not retryable.
     * DEADLINE_EXCEEDED: the caller's deadline passed, or a statement ran past
       the server's own limit; the database work was cancelled.
     * INTERNAL: anything unexpected; the message is generic.
@@ -162,6 +170,14 @@ class UserServiceAsyncStub(UserServiceStub):
     * RESOURCE_EXHAUSTED: the request message is larger than the server accepts
       (64 KiB by default; the largest valid request is about 40 KB). Not
       retryable as it is.
+    * UNAUTHENTICATED: the server checks its callers (a tokens file or mTLS)
+      and the call carried no valid credentials: no `authorization: Bearer`
+      token it knows, nor a client certificate of a caller it knows. One
+      message, with google.rpc.ErrorInfo reason "UNAUTHENTICATED" (domain
+      "users.pat"), whatever was wrong: it never tells whether a caller exists.
+    * PERMISSION_DENIED: the caller is known but not allowed this method,
+      with google.rpc.ErrorInfo reason "METHOD_NOT_ALLOWED" (domain
+      "users.pat", metadata "method"). Not retryable.
     * DEADLINE_EXCEEDED: the caller's deadline passed, or a statement ran past
       the server's own limit; the database work was cancelled.
     * INTERNAL: anything unexpected; the message is generic.
@@ -263,6 +279,14 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     * RESOURCE_EXHAUSTED: the request message is larger than the server accepts
       (64 KiB by default; the largest valid request is about 40 KB). Not
       retryable as it is.
+    * UNAUTHENTICATED: the server checks its callers (a tokens file or mTLS)
+      and the call carried no valid credentials: no `authorization: Bearer`
+      token it knows, nor a client certificate of a caller it knows. One
+      message, with google.rpc.ErrorInfo reason "UNAUTHENTICATED" (domain
+      "users.pat"), whatever was wrong: it never tells whether a caller exists.
+    * PERMISSION_DENIED: the caller is known but not allowed this method,
+      with google.rpc.ErrorInfo reason "METHOD_NOT_ALLOWED" (domain
+      "users.pat", metadata "method"). Not retryable.
     * DEADLINE_EXCEEDED: the caller's deadline passed, or a statement ran past
       the server's own limit; the database work was cancelled.
     * INTERNAL: anything unexpected; the message is generic.
