@@ -21,7 +21,7 @@ Health and reflection are not admitted through here: a probe must get its
 answer however busy the server is.
 """
 
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -32,6 +32,12 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 # A connection holding this much unread is not keeping up: refused first.
 SLOW_READER_BYTES = 256 * 1024
+
+# Why a call was refused: the budget it would have overrun.
+TOO_MANY_CALLS = "max_concurrent_rpcs"
+LOOP_LAG = "loop_lag"
+UNSENT_ANSWERS = "unsent_responses"
+REFUSAL_REASONS = (TOO_MANY_CALLS, LOOP_LAG, UNSENT_ANSWERS)
 
 
 class Admission:
@@ -48,16 +54,22 @@ class Admission:
         self.in_progress = 0
         self.unsent_bytes = 0
         self._unsent_by_peer: dict[str, int] = {}
+        # Calls refused so far, by reason: counted on refusal only (METRICS_PORT reads them).
+        self.refused = dict.fromkeys(REFUSAL_REASONS, 0)
 
     def enter(self, context: Context) -> None:
         """Admit one call, or raise Overloaded; `leave()` must follow an admission."""
-        if (
-            self.in_progress >= self.limit
-            or self._loop_lag.last >= self._shed_lag
-            or (self.unsent_bytes >= self.unsent_budget and self._behind(context.peer()))
-        ):
-            raise Overloaded()
+        if self.in_progress >= self.limit:
+            self._refuse(TOO_MANY_CALLS)
+        if self._loop_lag.last >= self._shed_lag:
+            self._refuse(LOOP_LAG)
+        if self.unsent_bytes >= self.unsent_budget and self._behind(context.peer()):
+            self._refuse(UNSENT_ANSWERS)
         self.in_progress += 1
+
+    def _refuse(self, reason: str) -> NoReturn:
+        self.refused[reason] += 1
+        raise Overloaded()
 
     def leave(self) -> None:
         self.in_progress -= 1

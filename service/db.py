@@ -3,6 +3,7 @@
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import event
@@ -16,7 +17,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 
 from service.config import Settings
 
@@ -137,6 +138,36 @@ def create_sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     # expire_on_commit=False: nothing to reload after a commit (RPCs return the
     # Core rows their statements gave back).
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """The RPC pool at one moment (METRICS_PORT exports it)."""
+
+    size: int  # connections kept open when idle: DB_POOL_SIZE
+    checked_out: int  # connections in use now
+    overflow: int  # connections open beyond `size`, up to DB_MAX_OVERFLOW
+    waiters: int  # checkouts waiting for a connection to come back
+
+
+def pool_status(engine: AsyncEngine) -> PoolStatus:
+    """The engine's pool now; read anew each time, as `dispose()` replaces the pool."""
+    pool = engine.pool
+    assert isinstance(pool, AsyncAdaptedQueuePool)
+    # overflow() starts at -size and counts every connection opened: below 0,
+    # fewer than `size` are open, which is no overflow.
+    return PoolStatus(pool.size(), pool.checkedout(), max(0, pool.overflow()), _waiters(pool))
+
+
+def _waiters(pool: AsyncAdaptedQueuePool) -> int:
+    """Checkouts waiting for a connection, read from private attributes.
+
+    SQLAlchemy counts no waiters: a checkout waits in the asyncio.Queue its
+    AsyncAdaptedQueue creates on first use (a memoized `_queue`), as one of
+    that queue's `_getters`. tests/test_metrics.py checks this still counts them.
+    """
+    queue = pool._pool.__dict__.get("_queue")  # absent until the pool's first use
+    return len(queue._getters) if queue is not None else 0
 
 
 P = ParamSpec("P")

@@ -84,6 +84,8 @@ class DatabaseHealth:
     ) -> None:
         """`engine` is the watcher's own (used on its own loop); `app_engine` the RPCs'."""
         self.servicer = health.aio.HealthServicer()
+        # What the servicer answers for each name, kept here to be read (metrics.py).
+        self.statuses: dict[str, int] = {}
         self._engine = engine
         self._app_engine = app_engine
         self._head_revision = head_revision
@@ -96,7 +98,7 @@ class DatabaseHealth:
 
     async def start(self) -> None:
         """NOT_SERVING until the first check passes, then keep watching."""
-        await self.servicer.set(LIVENESS_NAME, SERVING)
+        await self._set(LIVENESS_NAME, SERVING)
         await self._set_all(NOT_SERVING)
         self._task = asyncio.create_task(self._watch(), name="database-health")
 
@@ -104,6 +106,7 @@ class DatabaseHealth:
         """Every name NOT_SERVING for good; the watcher stops and closes its connection."""
         await self._stop_watching()
         await self.servicer.enter_graceful_shutdown()
+        self.statuses = dict.fromkeys(self.statuses, NOT_SERVING)
         await self._checks.run(self._engine.dispose())
         self._checks.close()
 
@@ -164,4 +167,8 @@ class DatabaseHealth:
 
     async def _set_all(self, status: int) -> None:
         for name in SERVICE_NAMES:
-            await self.servicer.set(name, status)
+            await self._set(name, status)
+
+    async def _set(self, name: str, status: int) -> None:
+        await self.servicer.set(name, status)
+        self.statuses[name] = status

@@ -1,0 +1,353 @@
+"""METRICS_PORT: Prometheus metrics, gRPC's standard ones and the service's own.
+
+server.py imports this module only when METRICS_PORT is set: otherwise none
+of it is loaded, registered or run, and no call pays for it.
+
+- gRPC's standard server metrics (gRFC A66: grpc.server.call.started,
+  grpc.server.call.duration and the sent and received message sizes, per
+  method and status), under the names gRPC's OpenTelemetry plugin gives them
+  in Prometheus. Not through that plugin (grpcio-observability): with a
+  grpc.aio server it deadlocks under load (README, "Metrics and traces").
+  They are measured by a server interceptor around every call, into
+  prometheus_client series bound once per method: about 2 µs a call, where
+  OpenTelemetry's instruments took 18.
+- The service's own instruments are OpenTelemetry observables: their
+  callbacks read state kept anyway (the pool, Admission's counts, the
+  loop-lag sample, the health statuses) when Prometheus scrapes, and cost
+  nothing per call.
+
+prometheus_client answers scrapes on a thread of its own. The callbacks read
+plain integers and floats that the event loop writes, which the GIL keeps whole.
+"""
+
+from __future__ import annotations  # grpc.RpcMethodHandler is generic only in its stubs
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeAlias
+
+import grpc
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.admission import Admission
+from service.db import PoolStatus, pool_status
+from service.health import SERVING, DatabaseHealth
+from service.loop_lag import LoopLag
+
+logger = logging.getLogger(__name__)
+
+Callback = Callable[[CallbackOptions], Iterable[Observation]]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in its stubs
+Context = grpc.aio.ServicerContext[Any, Any]
+
+# gRFC A66's bucket boundaries: seconds, and bytes.
+LATENCY_BUCKETS = (
+    0, 0.00001, 0.00005, 0.0001, 0.0003, 0.0006, 0.0008, 0.001, 0.002, 0.003, 0.004,
+    0.005, 0.006, 0.008, 0.01, 0.013, 0.016, 0.02, 0.025, 0.03, 0.04, 0.05, 0.065, 0.08,
+    0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.65, 0.8, 1, 2, 5, 10, 20, 50, 100,
+)  # fmt: skip
+SIZE_BUCKETS = (
+    0, 1024, 2048, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
+    268435456, 1073741824, 4294967296,
+)  # fmt: skip
+# The method label of calls to methods the server does not have (A66's "other").
+OTHER_METHOD = "other"
+
+
+class Metrics:
+    """The Prometheus endpoint and what it exports, until `stop()`."""
+
+    def __init__(self, host: str, port: int) -> None:
+        """Serve `port` (0: any free one) on `host`, the interface GRPC_PORT uses."""
+        # A registry of our own: what this server exports, and nothing a
+        # library put in prometheus_client's global one.
+        self.registry = CollectorRegistry(auto_describe=True)
+        # No *_created series beside each counter and histogram: a scrape's
+        # size doubled for a start time Prometheus does not use.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        ProcessCollector(registry=self.registry)  # CPU, resident memory, open files
+        # Prometheus' job and instance labels say which target a series is
+        # from; OpenTelemetry's target_info would only repeat it, and the
+        # otel_scope_* labels on every series what its name already says.
+        reader = PrometheusMetricReader(
+            disable_target_info=True, scope_info_enabled=False, registry=self.registry
+        )
+        self.provider = MeterProvider(metric_readers=[reader])
+        self._calls = CallMetrics(self.registry)
+        self._http, _ = start_http_server(port, host.strip("[]"), registry=self.registry)
+        self.port: int = self._http.server_port
+        logger.info("metrics on port %d (Prometheus, /metrics)", self.port)
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """What measures every call; it must come last (it keeps the handlers it finds)."""
+        return [self._calls]
+
+    def observe(
+        self, engine: AsyncEngine, admission: Admission, loop_lag: LoopLag, health: DatabaseHealth
+    ) -> None:
+        """The service's instruments, read at each scrape."""
+        meter = self.provider.get_meter("pat-users")
+        for field, description in POOL_GAUGES.items():
+            meter.create_observable_gauge(
+                f"pat_users.db.pool.{field}",
+                [_pool_field(engine, field)],
+                unit="{connection}",
+                description=description,
+            )
+        meter.create_observable_gauge(
+            "pat_users.rpc.in_progress",
+            [lambda _: [Observation(admission.in_progress)]],
+            unit="{call}",
+            description="UserService calls admitted and not yet finished",
+        )
+        meter.create_observable_counter(
+            "pat_users.rpc.refused",
+            [lambda _: [Observation(n, {"reason": r}) for r, n in admission.refused.items()]],
+            unit="{call}",
+            description="UserService calls refused with UNAVAILABLE (OVERLOADED), by reason",
+        )
+        meter.create_observable_gauge(
+            "pat_users.rpc.unsent_response_bytes",
+            [lambda _: [Observation(admission.unsent_bytes)]],
+            unit="By",
+            description="Answers written but not yet taken by their callers",
+        )
+        meter.create_observable_gauge(
+            "pat_users.event_loop.lag",
+            [lambda _: [Observation(loop_lag.last)]],
+            unit="s",
+            description="How late the event loop ran its last sample (every 0.1 s)",
+        )
+        meter.create_observable_gauge(
+            "pat_users.health.serving",
+            [_health_statuses(health)],
+            description="1 if the health service answers SERVING for this name, else 0",
+        )
+
+    async def stop(self) -> None:
+        """Close the endpoint (its thread notices within 0.5 s: waited for on a thread)."""
+        await asyncio.to_thread(self._http.shutdown)
+        self._http.server_close()
+        self.provider.shutdown()
+
+
+POOL_GAUGES = {
+    "size": "Connections the pool keeps open (DB_POOL_SIZE)",
+    "checked_out": "Connections in use by calls now",
+    "overflow": "Connections open beyond the pool's size (up to DB_MAX_OVERFLOW)",
+    "waiters": "Calls waiting for a connection",
+}
+
+
+def _pool_field(engine: AsyncEngine, field: str) -> Callback:
+    def observe(_: CallbackOptions) -> Iterable[Observation]:
+        status: PoolStatus = pool_status(engine)
+        return [Observation(getattr(status, field))]
+
+    return observe
+
+
+def _health_statuses(health: DatabaseHealth) -> Callback:
+    def observe(_: CallbackOptions) -> Iterable[Observation]:
+        statuses = list(health.statuses.items())  # a copy: the loop may add a name
+        return [Observation(int(s == SERVING), {"service": n}) for n, s in statuses]
+
+    return observe
+
+
+class CallMetrics(grpc.aio.ServerInterceptor):
+    """gRPC's standard server metrics, measured around each call's handler.
+
+    The wrapped handler of each method is made once and kept, so a call costs
+    a dictionary lookup, a clock read on each side, and four updates to series
+    bound to its method. Durations start when the handler is looked up, after
+    the call's headers arrived (gRPC's own metric starts at the transport).
+    Message sizes are those of the request and the answer of unary calls, as
+    encoded (uncompressed: the service compresses nothing); streams report 0.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ("grpc_method", "grpc_status")
+        self.started = Counter(
+            "grpc_server_call_started",
+            "Number of server calls started",
+            ("grpc_method",),
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "grpc_server_call_duration_seconds",
+            "End-to-end time taken to complete a call from server transport's perspective",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.sent = Histogram(
+            "grpc_server_call_sent_total_compressed_message_size_bytes",
+            "Compressed message bytes sent per server call",
+            labels,
+            buckets=SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.received = Histogram(
+            "grpc_server_call_rcvd_total_compressed_message_size_bytes",
+            "Compressed message bytes received per server call",
+            labels,
+            buckets=SIZE_BUCKETS,
+            registry=registry,
+        )
+        self._handlers: dict[str, Handler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        path = handler_call_details.method
+        measured = self._handlers.get(path)
+        if measured is not None:
+            return measured
+        handler = await continuation(handler_call_details)
+        if handler is None:  # gRPC answers UNIMPLEMENTED; the name is the caller's
+            self.started.labels(OTHER_METHOD).inc()
+            return None
+        # Only methods the server has get here: a bounded set.
+        measured = self._handlers[path] = _measured(handler, _Method(self, path.lstrip("/")))
+        return measured
+
+
+class _Method:
+    """One method's series, bound once (per status, when first seen)."""
+
+    def __init__(self, metrics: CallMetrics, name: str) -> None:
+        self._metrics = metrics
+        self._name = name
+        self.started = metrics.started.labels(name)
+        self._by_status: dict[str, tuple[Any, Any, Any]] = {}
+
+    def ended(self, status: str, seconds: float, received: int, sent: int) -> None:
+        series = self._by_status.get(status)
+        if series is None:
+            m, labels = self._metrics, (self._name, status)
+            series = m.duration.labels(*labels), m.received.labels(*labels), m.sent.labels(*labels)
+            self._by_status[status] = series
+        duration, received_sizes, sent_sizes = series
+        duration.observe(seconds)
+        received_sizes.observe(received)
+        sent_sizes.observe(sent)
+
+
+def _measured(handler: Handler, method: _Method) -> Handler:
+    """`handler` with its calls counted, timed and sized."""
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _unary(handler.unary_unary, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _streaming(handler.unary_stream, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            _streaming(handler.stream_unary, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    assert handler.stream_stream is not None
+    return grpc.stream_stream_rpc_method_handler(
+        _streaming(handler.stream_stream, method),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _unary(behavior: Any, method: _Method) -> Any:
+    async def measured(request: Any, context: Context) -> Any:
+        method.started.inc()
+        started = time.perf_counter()
+        response = None
+        error: BaseException | None = None
+        try:
+            response = await behavior(request, context)
+            return response
+        except BaseException as raised:
+            error = raised
+            raise
+        finally:
+            method.ended(
+                _status(context, error),
+                time.perf_counter() - started,
+                _size(request),
+                _size(response),
+            )
+
+    return measured
+
+
+def _streaming(behavior: Any, method: _Method) -> Any:
+    """A streaming handler, be it an async generator or a coroutine using context.write."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def generating(request: Any, context: Context) -> AsyncIterator[Any]:
+            method.started.inc()
+            started = time.perf_counter()
+            error: BaseException | None = None
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except BaseException as raised:
+                error = raised
+                raise
+            finally:
+                method.ended(_status(context, error), time.perf_counter() - started, 0, 0)
+
+        return generating
+
+    async def writing(request: Any, context: Context) -> Any:
+        method.started.inc()
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            return await behavior(request, context)
+        except BaseException as raised:
+            error = raised
+            raise
+        finally:
+            method.ended(_status(context, error), time.perf_counter() - started, 0, 0)
+
+    return writing
+
+
+def _status(context: Context, error: BaseException | None) -> str:
+    """The status the call ends with, as gRPC will send it."""
+    if error is None or isinstance(error, grpc.aio.AbortError):
+        code = context.code()  # set by abort() or set_code(); None: OK
+        return code.name if isinstance(code, grpc.StatusCode) else "OK"
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED.name
+    return grpc.StatusCode.UNKNOWN.name
+
+
+def _size(message: Any) -> int:
+    """A message's encoded size: the service's handlers hand gRPC bytes already."""
+    if isinstance(message, bytes):
+        return len(message)
+    byte_size = getattr(message, "ByteSize", None)
+    return int(byte_size()) if byte_size is not None else 0
