@@ -127,8 +127,11 @@ def _event_loop_runner(settings: Settings) -> asyncio.Runner:
 
 def _one_line(error: Exception) -> str:
     if isinstance(error, ValidationError):
+        # A check of several variables together (a model validator) names none.
         return "; ".join(
             f"{'_'.join(str(part) for part in e['loc']).upper()}: {e['msg']}"
+            if e["loc"]
+            else e["msg"]
             for e in error.errors()
         )
     return str(error)

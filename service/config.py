@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -102,6 +102,7 @@ class Settings(BaseSettings):
 
     # Signs ListUsers page tokens. Unset: a random key per process, so tokens
     # do not survive a restart nor cross replicas; set it in production.
+    # Empty, or an example's placeholder (CHANGE-ME…), stops start-up.
     page_token_secret: SecretStr | None = None
 
     # TLS: with a certificate and key, GRPC_PORT serves TLS only. The files are
@@ -111,16 +112,20 @@ class Settings(BaseSettings):
     # mTLS: clients must present a certificate signed by a CA in this file;
     # its identity (first DNS SAN, else the subject's CN) authenticates the caller.
     tls_client_ca_file: Path | None = None
-    # A second, plaintext port carrying grpc.health.v1 alone, for probes that
-    # speak neither TLS nor tokens (Kubernetes grpc: probes). Unset: none.
+    # A second, plaintext port on GRPC_HOST carrying grpc.health.v1 alone, for
+    # probes that speak neither TLS nor tokens (Kubernetes grpc: probes), and
+    # `python -m service.probe`. Unset: none; 0 picks a free port (logged).
     health_port: int | None = Field(default=None, ge=0, le=65535)
-    # Callers' bearer tokens: one `NAME sha256:HEX [METHOD,...]` line each
-    # (README, "Callers and tokens"). Set (or with mTLS), UserService calls
-    # without valid credentials are UNAUTHENTICATED. Re-read when it changes.
+    # Callers: one `NAME sha256:HEX [METHOD,...]` (bearer token) or
+    # `NAME x509 [METHOD,...]` (client certificate) line each (README, "Callers
+    # and tokens"). Set (or with mTLS), UserService calls without valid
+    # credentials are UNAUTHENTICATED. Re-read when it changes.
     auth_tokens_file: Path | None = None
     # Server reflection: "open" to anyone, "authenticated" like UserService, or "off".
     reflection: Literal["open", "authenticated", "off"] = "open"
-    # Prometheus metrics (grpc.server.* and the service's gauges) on this port. Unset: none.
+    # Prometheus metrics (grpc.server.* and the service's gauges) at /metrics on
+    # this port, on GRPC_HOST's interface. Unset: none. With WORKERS > 1, worker
+    # N serves METRICS_PORT + N - 1 (each its own pool and counts); 0: any port.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     # OpenTelemetry's standard variable: set, spans of every RPC and its SQL
     # are exported there over OTLP/gRPC (traces' other OTEL_* variables apply).
@@ -155,3 +160,49 @@ class Settings(BaseSettings):
     def rpc_limit(self) -> int:
         """MAX_CONCURRENT_RPCS, or its default derived from the pool."""
         return self.max_concurrent_rpcs or 4 * (self.db_pool_size + self.db_max_overflow)
+
+    @field_validator("page_token_secret")
+    @classmethod
+    def _page_token_secret_is_no_placeholder(cls, secret: SecretStr | None) -> SecretStr | None:
+        """An empty secret, or one copied from an example, would let anyone forge tokens."""
+        if secret is not None:
+            letters = "".join(c for c in secret.get_secret_value().lower() if c.isalnum())
+            if not letters or letters.startswith("changeme"):
+                raise ValueError("is a placeholder or empty: use openssl rand -hex 32")
+        return secret
+
+    @field_validator("auth_tokens_file")
+    @classmethod
+    def _callers_file_parses(cls, path: Path | None) -> Path | None:
+        """A malformed AUTH_TOKENS_FILE stops start-up with its line number."""
+        if path is not None:
+            from service.auth import read_callers  # only when set: it loads the protos
+
+            read_callers(path)
+        return path
+
+    @model_validator(mode="after")
+    def _reflection_can_authenticate(self) -> "Settings":
+        """REFLECTION=authenticated with no way to authenticate would be silently open or shut."""
+        if (
+            self.reflection == "authenticated"
+            and self.auth_tokens_file is None
+            and self.tls_client_ca_file is None
+        ):
+            raise ValueError("REFLECTION=authenticated needs AUTH_TOKENS_FILE or mTLS")
+        return self
+
+    @model_validator(mode="after")
+    def _check_tls_and_health_port(self) -> "Settings":
+        """TLS files usable and complete (a certificate needs its key); distinct ports."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS_CERT_FILE and TLS_KEY_FILE must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("TLS_CLIENT_CA_FILE (mTLS) needs TLS_CERT_FILE and TLS_KEY_FILE")
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
+            from service.tls import CertificateFiles  # reads and checks them: only when set
+
+            CertificateFiles(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
+        if self.health_port and self.health_port == self.grpc_port:
+            raise ValueError("HEALTH_PORT must differ from GRPC_PORT")
+        return self

@@ -217,6 +217,42 @@ class Overloaded(ServiceError):
         ]
 
 
+class Unauthenticated(ServiceError):
+    """No valid credentials (auth.py). One message whatever was wrong.
+
+    A missing header, another scheme, an unknown token and an unlisted
+    certificate all read alike, so the answer never tells whether a caller exists.
+    """
+
+    code = code_pb2.UNAUTHENTICATED
+
+    def __init__(self) -> None:
+        super().__init__(
+            "missing or invalid credentials: send `authorization: Bearer <token>` "
+            "or a client certificate of a known caller"
+        )
+
+    def details(self) -> list[Message]:
+        return [error_details_pb2.ErrorInfo(reason="UNAUTHENTICATED", domain=ERROR_DOMAIN)]
+
+
+class PermissionDenied(ServiceError):
+    """An authenticated caller whose allow-list (auth.py) lacks the method."""
+
+    code = code_pb2.PERMISSION_DENIED
+
+    def __init__(self, caller: str, method: str) -> None:
+        super().__init__(f"caller {caller} may not call {method}")
+        self.method = method
+
+    def details(self) -> list[Message]:
+        return [
+            error_details_pb2.ErrorInfo(
+                reason="METHOD_NOT_ALLOWED", domain=ERROR_DOMAIN, metadata={"method": self.method}
+            )
+        ]
+
+
 class TransactionConflict(ServiceError):
     """A deadlock or serialization failure rolled the call's transaction back."""
 
@@ -355,7 +391,15 @@ def tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 async def abort(
-    context: grpc.aio.ServicerContext[Any, Any], error: Exception, method: str
+    context: grpc.aio.ServicerContext[Any, Any],
+    error: Exception,
+    method: str,
+    trailing_metadata: tuple[tuple[str, str], ...] = (),
 ) -> NoReturn:
-    """End the RPC with the status `to_rpc_status` gives `error` (raises AbortError)."""
-    await context.abort_with_status(rpc_status.to_status(to_rpc_status(error, method)))
+    """End the RPC with the status `to_rpc_status` gives `error` (raises AbortError).
+
+    `trailing_metadata` (say, the access log's x-request-id) is sent with the
+    status's own: grpc replaces whatever trailers were set before an abort.
+    """
+    status = rpc_status.to_status(to_rpc_status(error, method))
+    await context.abort(status.code, status.details, status.trailing_metadata + trailing_metadata)

@@ -71,8 +71,12 @@ async def supervise(settings: Settings, database_url: str, startup: NotedSignals
         loop.add_signal_handler(signum, supervisor.stop, signum)
     if startup.received:
         return 0
-    with reserved_port(settings.grpc_host, settings.grpc_port) as port:
-        return await supervisor.run(_worker_environment(settings, database_url, port), port)
+    with (
+        reserved_port(settings.grpc_host, settings.grpc_port) as port,
+        _reserved_health_port(settings) as health_port,
+    ):
+        environment = _worker_environment(settings, database_url, port, health_port)
+        return await supervisor.run(environment, port)
 
 
 @contextlib.contextmanager
@@ -95,7 +99,19 @@ def reserved_port(host: str, port: int) -> Iterator[int]:
         yield int(holder.getsockname()[1])
 
 
-def _worker_environment(settings: Settings, database_url: str, port: int) -> dict[str, str]:
+@contextlib.contextmanager
+def _reserved_health_port(settings: Settings) -> Iterator[int | None]:
+    """HEALTH_PORT, shared by the workers as GRPC_PORT is (0: reserved alike); None if unset."""
+    if settings.health_port is None:
+        yield None
+        return
+    with reserved_port(settings.grpc_host, settings.health_port) as port:
+        yield port
+
+
+def _worker_environment(
+    settings: Settings, database_url: str, port: int, health_port: int | None
+) -> dict[str, str]:
     """Each worker is a lone server on the shared port and the one database.
 
     A page token must verify in whichever worker the next page's call reaches:
@@ -107,12 +123,27 @@ def _worker_environment(settings: Settings, database_url: str, port: int) -> dic
         "GRPC_PORT": str(port),
         "WORKERS": "1",
     }
+    if health_port is not None:
+        environment["HEALTH_PORT"] = str(health_port)
     if settings.page_token_secret is None:
         logger.warning(
             "PAGE_TOKEN_SECRET is not set: page tokens will not survive a restart or cross replicas"
         )
         environment["PAGE_TOKEN_SECRET"] = secrets.token_urlsafe(32)
     return environment
+
+
+def _own_metrics_port(
+    environment: dict[str, str], settings: Settings, number: int
+) -> dict[str, str]:
+    """Worker `number` (from 1) serves its metrics on METRICS_PORT + number - 1.
+
+    Each worker has its own pool, admission and health, so each is scraped on
+    its own; with METRICS_PORT=0, each picks a free port (and logs it).
+    """
+    if not settings.metrics_port:
+        return environment
+    return {**environment, "METRICS_PORT": str(settings.metrics_port + number - 1)}
 
 
 @dataclass
@@ -213,7 +244,8 @@ class Supervisor:
         for number in range(1, count + 1):
             if self._stop_signal is not None:
                 return
-            worker = await Worker.start(number, environment)
+            own_environment = _own_metrics_port(environment, self._settings, number)
+            worker = await Worker.start(number, own_environment)
             self._workers.append(worker)
             logger.info("started worker %d of %d (pid %d)", number, count, worker.process.pid)
             if self._stop_signal is not None:  # it came while this worker was being spawned

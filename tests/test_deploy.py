@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
+from service.config import Settings
 from tests.support import (
     PROJECT_ROOT,
     TEST_PAGE_TOKEN_SECRET,
@@ -87,11 +89,32 @@ def test_compose_api_connects_migrates_and_waits_for_a_healthy_db() -> None:
     assert environment["DATABASE_URL"] == COMPOSE_DATABASE_URL
     assert str(environment["GRPC_PORT"]) == str(GRPC_PORT)
     assert environment["LOG_FORMAT"] == "json"
-    assert environment["PAGE_TOKEN_SECRET"].startswith("${PAGE_TOKEN_SECRET")
+    # Required, with no default: `${VAR:?message}` stops compose when it is unset or empty.
+    assert environment["PAGE_TOKEN_SECRET"].startswith("${PAGE_TOKEN_SECRET:?")
     # `exec`: the server becomes the container's PID 1 and receives SIGTERM itself.
     assert api_script() == "alembic upgrade head && exec python -m service"
     assert api["depends_on"] == {"db": {"condition": "service_healthy"}}
-    assert api["ports"] == [f"{GRPC_PORT}:{GRPC_PORT}"]
+    assert api["ports"] == [f"127.0.0.1:{GRPC_PORT}:{GRPC_PORT}"]
+
+
+def test_compose_publishes_ports_on_the_loopback_interface_only() -> None:
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+
+
+def test_compose_file_holds_no_default_secret() -> None:
+    text = COMPOSE_FILE.read_text()
+    assert not re.search(r"\$\{PAGE_TOKEN_SECRET:?-", text), "PAGE_TOKEN_SECRET has a default"
+    assert "change-me" not in text.lower()
+
+
+def test_the_service_refuses_a_placeholder_page_token_secret() -> None:
+    # What earlier compose files and the Kubernetes example carried.
+    for placeholder in ("change-me-in-production", "CHANGE-ME", ""):
+        with pytest.raises(ValidationError, match="page_token_secret"):
+            Settings(page_token_secret=placeholder)  # type: ignore[arg-type]
+    assert Settings(page_token_secret=TEST_PAGE_TOKEN_SECRET)  # type: ignore[arg-type]
 
 
 def test_compose_api_healthcheck_is_the_grpc_probe() -> None:
@@ -115,17 +138,39 @@ def compose_command() -> list[str] | None:
     return [legacy] if legacy else None
 
 
-def test_docker_compose_accepts_the_file() -> None:
+def compose_config(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`docker compose config` with only `env` for variables (no .env file, no outer secret)."""
     command = compose_command()
     if command is None:
         pytest.skip("neither docker compose nor docker-compose is installed (.ci/run installs it)")
-    result = subprocess.run(
-        [*command, "-f", str(COMPOSE_FILE), "config", "-q"],
+    no_env_file = tmp_path / "empty.env"
+    no_env_file.write_text("")
+    outer = {k: v for k, v in subprocess_env().items() if k != "PAGE_TOKEN_SECRET"}
+    return subprocess.run(
+        [*command, "--env-file", str(no_env_file), "-f", str(COMPOSE_FILE), "config"],
         capture_output=True,
         text=True,
         check=False,
+        env={**outer, **env},
     )
+
+
+def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
+    result = compose_config(tmp_path, PAGE_TOKEN_SECRET=TEST_PAGE_TOKEN_SECRET)
     assert result.returncode == 0, result.stderr
+    api = yaml.safe_load(result.stdout)["services"]["api"]
+    assert api["environment"]["PAGE_TOKEN_SECRET"] == TEST_PAGE_TOKEN_SECRET
+    # v1 renders "127.0.0.1:50051:50051/tcp", v2 the long syntax.
+    (port,) = api["ports"]
+    host_ip = port["host_ip"] if isinstance(port, dict) else str(port).split(":")[0]
+    assert host_ip == "127.0.0.1", port
+
+
+def test_docker_compose_refuses_to_start_without_a_page_token_secret(tmp_path: Path) -> None:
+    for unset in ({}, {"PAGE_TOKEN_SECRET": ""}):
+        result = compose_config(tmp_path, **unset)
+        assert result.returncode != 0, result.stdout
+        assert "set PAGE_TOKEN_SECRET" in result.stderr, result.stderr
 
 
 # --- the api container's command, run for real ---------------------------------------
@@ -311,13 +356,37 @@ def grpc_container_port() -> dict[str, Any]:
     return port
 
 
+def probed_port() -> int:
+    """Where the kubelet's probes must go: the plaintext HEALTH_PORT once GRPC_PORT is TLS."""
+    env = env_of(container())
+    if "TLS_CERT_FILE" not in env:
+        return GRPC_PORT
+    assert "HEALTH_PORT" in env, "with TLS on, the kubelet's plaintext probes need HEALTH_PORT"
+    return int(env["HEALTH_PORT"]["value"])
+
+
 @pytest.mark.parametrize("probe_name", ["startupProbe", "readinessProbe", "livenessProbe"])
 def test_deployment_probes_are_native_grpc(probe_name: str) -> None:
     probe = container()[probe_name]
     assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}
-    assert probe["grpc"]["port"] == grpc_container_port()["containerPort"] == GRPC_PORT
+    assert probe["grpc"]["port"] == probed_port()
+    assert probed_port() in [port["containerPort"] for port in container()["ports"]]
     expected = "" if probe_name == "readinessProbe" else "liveness"
     assert probe["grpc"].get("service", "") == expected
+
+
+def test_deployment_serves_tls_from_a_mounted_tls_secret_that_can_rotate() -> None:
+    env = env_of(container())
+    files = [Path(env[name]["value"]) for name in ("TLS_CERT_FILE", "TLS_KEY_FILE")]
+    assert [file.name for file in files] == ["tls.crt", "tls.key"]  # kubernetes.io/tls keys
+    (mount,) = [m for m in container()["volumeMounts"] if Path(m["mountPath"]) == files[0].parent]
+    assert files[1].parent == Path(mount["mountPath"])
+    assert mount.get("readOnly") is True
+    # A subPath mount is never updated by the kubelet: rotation would need a restart.
+    assert not {"subPath", "subPathExpr"} & set(mount)
+    (volume,) = [v for v in pod_spec()["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"]
+    assert "items" not in volume["secret"]  # the Secret's own key names are the file names
 
 
 def test_deployment_termination_grace_outlasts_the_graceful_stop() -> None:

@@ -1,0 +1,210 @@
+"""The callers' gRPC service config shipped with the stubs: what it says and what it does.
+
+A stub whose channel uses it rides through a short database outage (its
+calls are retried on UNAVAILABLE with backoff) where a plain stub fails. The
+outage is a proxy between the server and PostgreSQL that the test cuts:
+open connections drop and new ones are refused, as when the database
+restarts, then it lets them through again.
+"""
+
+import asyncio
+import contextlib
+import json
+import re
+import subprocess
+import sys
+import time
+import uuid
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from sqlalchemy.engine import make_url
+
+from pat.users.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
+from pat.users.v1 import user_service_pb2 as pb
+from pat.users.v1.user_service_pb2_grpc import UserServiceStub
+from tests.support import (
+    PROJECT_ROOT,
+    create_user,
+    fails,
+    run_sql,
+    serving,
+    subprocess_env,
+    unique_email,
+)
+
+# How README's "From another service" loads it.
+SERVICE_CONFIG_FILE = Path(user_service_pb2_grpc.__file__).with_name("service_config.json")
+SOURCE_FILE = PROJECT_ROOT / "protos" / "pat" / "users" / "v1" / "service_config.json"
+USER_SERVICE = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
+# gRPC clamps maxAttempts to 5: more would be ignored with an error in the log.
+GRPC_MAX_ATTEMPTS = 5
+OUTAGE_SECONDS = 1.0
+
+
+def service_config() -> dict[str, Any]:
+    config: dict[str, Any] = json.loads(SERVICE_CONFIG_FILE.read_text())
+    return config
+
+
+def method_configs() -> dict[str, dict[str, Any]]:
+    """Each configured method's name and its methodConfig entry."""
+    configured: dict[str, dict[str, Any]] = {}
+    for entry in service_config()["methodConfig"]:
+        for name in entry["name"]:
+            assert name["service"] == USER_SERVICE.full_name, name
+            assert name["method"] not in configured, f"{name['method']} is configured twice"
+            configured[name["method"]] = entry
+    return configured
+
+
+def seconds(duration: str) -> float:
+    assert re.fullmatch(r"\d+(\.\d+)?s", duration), duration
+    return float(duration.removesuffix("s"))
+
+
+def test_service_config_covers_every_method_of_the_service_and_nothing_else() -> None:
+    assert set(method_configs()) == set(USER_SERVICE.methods_by_name)
+    assert SERVICE_CONFIG_FILE.read_bytes() == SOURCE_FILE.read_bytes()
+
+
+def test_every_method_retries_unavailable_only_with_backoff_within_its_timeout() -> None:
+    for method, entry in method_configs().items():
+        policy = entry["retryPolicy"]
+        # ABORTED is not listed: a stale etag (re-read first) and a deadlock
+        # (retry as is) share it, and only the ErrorInfo reason tells them apart.
+        assert policy["retryableStatusCodes"] == ["UNAVAILABLE"], method
+        assert 2 <= policy["maxAttempts"] <= GRPC_MAX_ATTEMPTS, method
+        backoff = seconds(policy["initialBackoff"])
+        assert 0 < backoff <= seconds(policy["maxBackoff"]), method
+        assert policy["backoffMultiplier"] > 1, method
+        if USER_SERVICE.methods_by_name[method].server_streaming:
+            # A watch lasts as long as the caller wants; its caller sets a deadline, if any.
+            assert "timeout" not in entry, method
+            continue
+        # The deadline leaves room for every attempt's backoff (gRPC jitters each by ±20 %).
+        waits = [
+            min(backoff * policy["backoffMultiplier"] ** n, seconds(policy["maxBackoff"]))
+            for n in range(policy["maxAttempts"] - 1)
+        ]
+        assert seconds(entry["timeout"]) > 1.2 * sum(waits) + 1, method
+
+
+def test_the_wheel_ships_the_service_config_next_to_the_stubs(tmp_path: Path) -> None:
+    build = ("wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir")
+    subprocess.run(
+        [sys.executable, "-m", "pip", *build, str(tmp_path), str(PROJECT_ROOT)],
+        check=True,
+        capture_output=True,
+        env=subprocess_env(),
+    )
+    (wheel,) = tmp_path.glob("pat_users-*.whl")
+    shipped = zipfile.ZipFile(wheel).read("pat/users/v1/service_config.json")
+    assert shipped == SOURCE_FILE.read_bytes()
+
+
+# --- riding through a database outage ------------------------------------------------------
+
+
+class CuttableProxy:
+    """A TCP proxy to PostgreSQL; `cut()` drops its connections and refuses new ones."""
+
+    def __init__(self, database_url: str) -> None:
+        self._target = make_url(database_url)
+        self._server: asyncio.Server | None = None
+        self._transports: set[asyncio.BaseTransport] = set()
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        """`database_url`, reached through the proxy."""
+        through = self._target.difference_update_query(["host"])
+        return through.set(host="127.0.0.1", port=self.port).render_as_string(hide_password=False)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve, "127.0.0.1", self.port, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for transport in self._transports:
+            transport.abort()  # a reset, as when the database goes away
+        self._transports.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await self._connect_upstream()
+        self._transports |= {writer.transport, upstream_writer.transport}
+        await asyncio.gather(
+            _pipe(reader, upstream_writer), _pipe(upstream_reader, writer), return_exceptions=True
+        )
+
+    async def _connect_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        socket_folder = self._target.query.get("host")  # the embedded server's Unix socket
+        port = self._target.port or 5432
+        if isinstance(socket_folder, str) and socket_folder.startswith("/"):
+            return await asyncio.open_unix_connection(f"{socket_folder}/.s.PGSQL.{port}")
+        return await asyncio.open_connection(self._target.host or "localhost", port)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def cuttable_proxy(database_url: str) -> AsyncIterator[CuttableProxy]:
+    proxy = CuttableProxy(database_url)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.cut()
+
+
+def channel_options() -> list[tuple[str, Any]]:
+    """What README's "From another service" passes to its channel."""
+    return [("grpc.service_config", SERVICE_CONFIG_FILE.read_text()), ("grpc.enable_retries", 1)]
+
+
+async def test_a_stub_with_the_service_config_rides_through_a_short_database_outage(
+    database_url: str,
+) -> None:
+    async with (
+        cuttable_proxy(database_url) as proxy,
+        serving(proxy.url, migration_database_url=proxy.url) as running,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}", options=channel_options()) as chan,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as plain_channel,
+    ):
+        configured, plain = UserServiceStub(chan), UserServiceStub(plain_channel)
+        user = await create_user(configured)
+        email = unique_email("outage")
+        create = pb.CreateUserRequest(user=user_pb2.User(email=email), request_id=str(uuid.uuid4()))
+
+        await proxy.cut()
+        started = time.monotonic()
+        failure = await fails(plain.GetUser(pb.GetUserRequest(id=user.id), timeout=5))
+        assert failure.code == grpc.StatusCode.UNAVAILABLE, failure
+        # No timeout given: the service config's apply.
+        calls = (configured.GetUser(pb.GetUserRequest(id=user.id)), configured.CreateUser(create))
+        replies = asyncio.gather(*calls)
+        await asyncio.sleep(OUTAGE_SECONDS)
+        assert not replies.done(), replies  # still retrying, not failed
+        await proxy.start()  # the database is back, on the same address
+
+        got, created = await replies
+        assert got.user == user
+        assert created.user.email == email
+        assert time.monotonic() - started > OUTAGE_SECONDS
+        # The retried CreateUser made one user.
+        rows = await run_sql(database_url, "SELECT id FROM users WHERE email = $1", email)
+        assert [str(row["id"]) for row in rows] == [created.user.id]
