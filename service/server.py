@@ -325,18 +325,25 @@ def _guarded_handler(
 
 
 def _guarded(
-    behavior: Behavior, serialize: Callable[[Any], bytes], method: str, guards: Guards
+    behavior: Behavior,
+    serialize: Callable[[Any], bytes] | None,
+    method: str,
+    guards: Guards,
 ) -> Behavior:
-    """`behavior` for authenticated callers only, admitted under the caps, its answer
-    serialized, every error mapped, and one access-log line written.
+    """`behavior` for authenticated callers only, every error mapped, one access-log line.
 
+    A unary call (`serialize` given) is also admitted under the caps and has
+    its answer serialized here. A streaming one (None: it writes its own
+    answers) is not admitted under MAX_CONCURRENT_RPCS: a watch lasts as long
+    as its caller wants; the change feed caps watches (MAX_WATCHERS) itself.
     Authentication comes before admission: a caller without credentials never
     takes a slot.
     """
     name = method.rpartition("/")[2]
-    authenticator, admission, access_log = guards.authenticator, guards.admission, guards.access_log
+    authenticator, access_log = guards.authenticator, guards.access_log
+    admission = guards.admission if serialize is not None else None
 
-    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         entry = access_log.begin(context) if access_log is not None else None
         caller = ANONYMOUS
         ended = False
@@ -344,11 +351,14 @@ def _guarded(
             if authenticator is not None:
                 caller = authenticator.identify(context)
                 caller.authorize(name)
+            if admission is None:
+                await _decoded(behavior, request, context)
+                ended = True
+                return None
             admission.enter(context)
             try:
-                if isinstance(request, Undecodable):
-                    raise UndecodableRequest()
-                response = serialize(await behavior(request, context))
+                # serialize is set whenever admission is (unary calls).
+                response = serialize(await _decoded(behavior, request, context))  # type: ignore[misc]
             finally:
                 admission.leave()
             admission.sending(context, len(response))
@@ -365,43 +375,22 @@ def _guarded(
     return guarded
 
 
+async def _decoded(
+    behavior: Behavior, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+) -> Any:
+    if isinstance(request, Undecodable):
+        raise UndecodableRequest()
+    return await behavior(request, context)
+
+
 def _guarded_stream_handler(
     handler: grpc.RpcMethodHandler[Any, Any], method: str, guards: Guards
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """A server-streaming handler (WatchUsers): authenticated, undecodable requests
-    and errors mapped, one access-log line when it ends.
-
-    Not admitted under MAX_CONCURRENT_RPCS: a watch lasts as long as its
-    caller wants; the change feed caps watches (MAX_WATCHERS) itself.
-    """
+    """A server-streaming handler (WatchUsers), wrapped by `_guarded`."""
     assert handler.unary_stream is not None
     assert handler.request_deserializer is not None
-    behavior: Behavior = handler.unary_stream
-    name = method.rpartition("/")[2]
-    authenticator, access_log = guards.authenticator, guards.access_log
-
-    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        entry = access_log.begin(context) if access_log is not None else None
-        caller = ANONYMOUS
-        ended = False
-        try:
-            if authenticator is not None:
-                caller = authenticator.identify(context)
-                caller.authorize(name)
-            if isinstance(request, Undecodable):
-                raise UndecodableRequest()
-            await behavior(request, context)
-            ended = True
-        except grpc.aio.AbortError:
-            raise  # the handler already chose its status
-        except Exception as error:
-            await abort(context, error, method, entry.echo if entry is not None else ())
-        finally:
-            if entry is not None:
-                entry.write(context, name, caller.name, ended)
-
     return grpc.unary_stream_rpc_method_handler(
-        guarded,
+        _guarded(handler.unary_stream, None, method, guards),
         request_deserializer=tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
