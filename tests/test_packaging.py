@@ -48,4 +48,8 @@ def test_wheel_ships_stubs_and_service_but_no_tests(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     assert set(STUB_MODULES) <= names
     assert {"service/__main__.py", "service/py.typed"} <= names
+    # Callers' service config, next to the stubs, as protos/ holds it.
+    shipped = zipfile.ZipFile(wheel).read("pat/users/v1/service_config.json")
+    source = PROJECT_ROOT / "protos" / "pat" / "users" / "v1" / "service_config.json"
+    assert shipped == source.read_bytes()
     assert not any(name.startswith(("tests/", "bench/", "generated/")) for name in names)

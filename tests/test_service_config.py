@@ -11,11 +11,8 @@ import asyncio
 import contextlib
 import json
 import re
-import subprocess
-import sys
 import time
 import uuid
-import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +29,6 @@ from tests.support import (
     fails,
     run_sql,
     serving,
-    subprocess_env,
     unique_email,
 )
 
@@ -91,19 +87,6 @@ def test_every_method_retries_unavailable_only_with_backoff_within_its_timeout()
             for n in range(policy["maxAttempts"] - 1)
         ]
         assert seconds(entry["timeout"]) > 1.2 * sum(waits) + 1, method
-
-
-def test_the_wheel_ships_the_service_config_next_to_the_stubs(tmp_path: Path) -> None:
-    build = ("wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir")
-    subprocess.run(
-        [sys.executable, "-m", "pip", *build, str(tmp_path), str(PROJECT_ROOT)],
-        check=True,
-        capture_output=True,
-        env=subprocess_env(),
-    )
-    (wheel,) = tmp_path.glob("pat_users-*.whl")
-    shipped = zipfile.ZipFile(wheel).read("pat/users/v1/service_config.json")
-    assert shipped == SOURCE_FILE.read_bytes()
 
 
 # --- riding through a database outage ------------------------------------------------------
