@@ -55,7 +55,9 @@ class Settings(BaseSettings):
     # Each unsent byte costs about two of memory (the answer, and gRPC's copy).
     max_unsent_response_bytes: int = Field(default=16 * 1024 * 1024, ge=1024 * 1024)
     # Concurrent calls (HTTP/2 streams) one client connection may have open;
-    # more wait in the client. Every open stream costs memory in gRPC until the
+    # grpcio's client sends more anyway, and those are refused (UNAVAILABLE,
+    # REFUSED_STREAM: never started, retried by the shipped service config).
+    # Every open stream costs memory in gRPC until the
     # event loop takes it: 64 keeps 200 flooding connections under 400 MB and
     # inside gRPC's queue of waiting calls (below RFC 9113's suggested 100).
     grpc_max_concurrent_streams: int = Field(default=64, ge=1)
