@@ -23,11 +23,13 @@ from sqlalchemy.engine import make_url
 from pat.users.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
+from service.server import RunningServer
 from tests.support import (
     PROJECT_ROOT,
     create_user,
     fails,
     run_sql,
+    server_settings,
     serving,
     unique_email,
 )
@@ -191,3 +193,19 @@ async def test_a_stub_with_the_service_config_rides_through_a_short_database_out
         # The retried CreateUser made one user.
         rows = await run_sql(database_url, "SELECT id FROM users WHERE email = $1", email)
         assert [str(row["id"]) for row in rows] == [created.user.id]
+
+
+async def test_calls_past_the_servers_stream_limit_on_one_channel_all_succeed_with_it(
+    server: RunningServer, stub: UserServiceStub
+) -> None:
+    """grpcio sends calls past GRPC_MAX_CONCURRENT_STREAMS; refused, they are retried."""
+    user = await create_user(stub)
+    in_flight = 3 * server_settings("").grpc_max_concurrent_streams
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{server.port}", options=channel_options()
+    ) as channel:
+        configured = UserServiceStub(channel)
+        replies = await asyncio.gather(
+            *(configured.GetUser(pb.GetUserRequest(id=user.id)) for _ in range(in_flight))
+        )
+    assert [reply.user for reply in replies] == [user] * in_flight
