@@ -213,8 +213,10 @@ class ChangeFeed:
         self, batch: Batch, position: Position
     ) -> tuple[pb.WatchUsersResponse, Position] | None:
         """What of `batch` a watch at `position` has not had yet, and where it ends."""
-        if not batch.changes:
-            return self.heartbeat(max(position, batch.end)), batch.end
+        if not batch.changes:  # a heartbeat: the shared one, unless the watch is ahead
+            if batch.end >= position:
+                return batch.response, batch.end
+            return self.heartbeat(position), position
         if batch.end <= position:
             return None
         if batch.changes[0][0] > position:
@@ -283,7 +285,17 @@ class ChangeFeed:
                 await asyncio.sleep(self._settings.poll_seconds)
 
     async def _read_all(self) -> bool:
-        """Read from the head until caught up; True if any change was sent."""
+        """Read from the head until caught up; True if any change was sent.
+
+        With nobody watching, the head moves straight to now: changes nobody
+        would receive are not read. A watch that joins during that query
+        starts at the old head, so then they are read after all.
+        """
+        if not self._subscriptions:
+            now = await db.read(self._sessions, changes.now)
+            if not self._subscriptions:
+                self.head = max(self.head, now)
+                return False
         sent = False
         while True:
             rows, end = await self.read_after(self.head)

@@ -41,7 +41,7 @@ from service.errors import (
 from service.health import DatabaseHealth
 from service.loop_lag import LoopLag
 from service.memory import trim_forever
-from service.migrations import head_revision
+from service.migrations import head_revision, migration_database_url
 from service.page_tokens import PageTokens
 from service.resume_tokens import ResumeTokens
 from service.servicer import UserService
@@ -439,11 +439,8 @@ def _authenticated_stream(behavior: Any, authenticator: Authenticator) -> Any:
 
 def _direct_dsn(settings: Settings, database_url: URL) -> str:
     """Where the change feed LISTENs: PostgreSQL itself, never a transaction pooler."""
-    direct = (
-        normalize_url(settings.migration_database_url, "MIGRATION_DATABASE_URL")
-        if settings.migration_database_url
-        else database_url
-    )
+    variable, configured = migration_database_url(settings)
+    direct = normalize_url(configured, variable) if configured else database_url
     return direct.set(drivername="postgresql").render_as_string(hide_password=False)
 
 

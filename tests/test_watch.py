@@ -455,3 +455,21 @@ async def test_watches_beyond_max_watchers_are_refused_as_overloaded(
             assert failure.detail(error_details_pb2.ErrorInfo).reason == "OVERLOADED"
         async with watching(stub) as again:
             assert again.heartbeats == 1, "a slot is free again once a watch ends"
+
+
+async def test_a_quiet_watch_gets_heartbeats_whose_tokens_resume_after_them(
+    database_url: str,
+) -> None:
+    async with (
+        serving(database_url, watch_heartbeat_seconds=0.2, change_poll_seconds=0.1) as running,
+        user_service(running) as stub,
+    ):
+        await create_user(stub)  # before the watch: not in it, nor after its tokens
+        async with watching(stub) as watcher:
+            await watcher.until(lambda w: w.heartbeats >= 3)
+            assert watcher.changes == []
+            token = watcher.token
+        created = await create_user(stub)
+        async with watching(stub, token) as resumed:
+            changes = await resumed.changes_at_least(1)
+            assert [c.user.id for c in changes] == [created.id]
