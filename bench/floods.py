@@ -87,6 +87,11 @@ OVERLOADED = "UNAVAILABLE/OVERLOADED"
 # HTTP/2 REFUSED_STREAM (error code 7): grpc turned the stream away before
 # any handler saw it, e.g. past the connection's MAX_CONCURRENT_STREAMS.
 REFUSED_STREAM = "UNAVAILABLE/REFUSED_STREAM"
+# A refused stream comes back at once. Re-issued at once, a flood only spins:
+# tens of thousands of refusals a second that starve every other flood and
+# monitor in its process (seen in CI: the patient flood then never reached the
+# admission cap). A real client's retry policy backs off; so does the flood.
+REFUSED_STREAM_PAUSE = 0.02
 FLOODS = ("bad-masks", "list-flood", "never-read", "idle-conns")
 
 
@@ -421,14 +426,15 @@ async def bad_masks(
     return result
 
 
-async def _call(method: Any, request: bytes, deadline: float, statuses: Statuses) -> None:
+async def _call(method: Any, request: bytes, deadline: float, statuses: Statuses) -> str:
+    """Make one call and count its answer; returns the answer's status key."""
     started = time.monotonic()
     try:
         await method(request, timeout=deadline)
     except grpc.aio.AioRpcError as error:
-        statuses.failed(error, time.monotonic() - started)
-    else:
-        statuses.ok(time.monotonic() - started)
+        return statuses.failed(error, time.monotonic() - started)
+    statuses.ok(time.monotonic() - started)
+    return "OK"
 
 
 async def list_flood(
@@ -458,7 +464,9 @@ async def list_flood(
             async def stream() -> None:
                 while time.monotonic() < stop_at:
                     result.extra["issued"] += 1
-                    await _call(list_users, request, deadline, result.statuses)
+                    status = await _call(list_users, request, deadline, result.statuses)
+                    if status == REFUSED_STREAM:
+                        await asyncio.sleep(REFUSED_STREAM_PAUSE)
 
             await asyncio.gather(*(stream() for _ in range(streams)))
 
