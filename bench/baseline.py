@@ -150,8 +150,9 @@ async def _nothing_to_reset(connection: asyncpg.Connection) -> None:
     """
 
 
-async def serve(database_url: str, port: int, pool_size: int) -> None:
-    pool = await asyncpg.create_pool(
+async def create_pool(database_url: str, pool_size: int) -> asyncpg.Pool:
+    """The baseline's pool: `pool_size` connections, records readable by attribute."""
+    return await asyncpg.create_pool(
         database_url.replace("postgresql+asyncpg://", "postgresql://", 1),
         min_size=pool_size,
         max_size=pool_size,
@@ -159,6 +160,10 @@ async def serve(database_url: str, port: int, pool_size: int) -> None:
         reset=_nothing_to_reset,
         server_settings={"application_name": "pat-users-baseline"},
     )
+
+
+async def serve(database_url: str, port: int, pool_size: int) -> None:
+    pool = await create_pool(database_url, pool_size)
     server = grpc.aio.server()
     handlers = _handlers(BaselineUsers(pool))
     # Registered as the service registers its own (server.py): the same dispatch path.

@@ -18,6 +18,7 @@ itself and needs none of this.
 """
 
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -60,6 +61,8 @@ class Run:
     p99_ms: float
     errors: int
     note: str = ""
+    # CPU the server process spent per call during the measured run (where measured).
+    server_cpu_us: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,14 +83,23 @@ def call_raw(address: str, path: str, body: bytes, timeout: float = 10) -> bytes
         return bytes(call(body, timeout=timeout))
 
 
-def fixed_body_run(address: str, path: str, body: bytes, shape: Shape) -> Run:
-    """Load with one request body, repeated: h2load, or bench.h2grpc without it."""
+def fixed_body_run(
+    address: str, path: str, body: bytes, shape: Shape, server_pid: int | None = None
+) -> Run:
+    """Load with one request body, repeated: h2load, or bench.h2grpc without it.
+
+    With `server_pid` (h2load only), the run also notes that process's CPU per call.
+    """
     expected = call_raw(address, path, body)
     if have_h2load():
         warmup = None
         if shape.warmup > 0:
             warmup = _h2load(address, path, body, expected, shape, ["-D", _duration(shape.warmup)])
+        cpu_before = process_cpu_seconds(server_pid) if server_pid else 0.0
         run = _h2load(address, path, body, expected, shape, ["-D", _duration(shape.seconds)])
+        if server_pid and run.calls:
+            run.server_cpu_us = (process_cpu_seconds(server_pid) - cpu_before) * 1e6 / run.calls
+            run.note = _join(run.note, f"server CPU {run.server_cpu_us:.0f} µs/call")
         if warmup and warmup.errors:  # not timed, but counted: zero errors means none at all
             run.errors += warmup.errors
             run.note = _join(run.note, f"{warmup.errors} of them during the warm-up")
@@ -95,6 +107,12 @@ def fixed_body_run(address: str, path: str, body: bytes, shape: Shape) -> Run:
         run = varying_body_run(address, path, lambda n: body, shape)
     _verify_after(run, address, path, body, expected)
     return run
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of process `pid` (all its threads) so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def counted_run(address: str, path: str, body: bytes, shape: Shape, calls: int) -> Run:

@@ -76,20 +76,33 @@ def reads(bench: Bench, service: Server, baseline: Server, names: set[str]) -> N
         if rpc.lower().removesuffix("user") in names:
             path, body = f"{USER_SERVICE}/{rpc}", request.SerializeToString()
             rows(
-                bench, [(rpc, s, _fixed_runner(bench, s, path, body)) for s in (service, baseline)]
+                bench,
+                [
+                    (rpc, s, _fixed_runner(bench, s, path, body, cpu=True))
+                    for s in (service, baseline)
+                ],
             )
     if "health" in names:
         body = health_pb2.HealthCheckRequest().SerializeToString()
-        rows(bench, [("Health/Check", service, _fixed_runner(bench, service, HEALTH_CHECK, body))])
+        health = _fixed_runner(bench, service, HEALTH_CHECK, body, cpu=True)
+        rows(bench, [("Health/Check", service, health)])
 
 
 Runner = Callable[[], Run]
 
 
 def _fixed_runner(
-    bench: Bench, server: Server, path: str, body: bytes, shape: Shape | None = None
+    bench: Bench,
+    server: Server,
+    path: str,
+    body: bytes,
+    shape: Shape | None = None,
+    *,
+    cpu: bool = False,
 ) -> Runner:
-    return lambda: fixed_body_run(server.address, path, body, shape or bench.shape)
+    """A fixed-body run; `cpu`: also the CPU per call of `server` (one process, no workers)."""
+    pid = server.pid if cpu else None
+    return lambda: fixed_body_run(server.address, path, body, shape or bench.shape, pid)
 
 
 def rows(bench: Bench, planned: list[tuple[str, Server, Runner]]) -> None:
