@@ -18,7 +18,6 @@ itself and needs none of this.
 """
 
 import asyncio
-import os
 import re
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ from typing import Any
 import grpc
 
 from bench import h2grpc
+from bench.servers import cpu_seconds
 
 
 @dataclass
@@ -95,10 +95,10 @@ def fixed_body_run(
         warmup = None
         if shape.warmup > 0:
             warmup = _h2load(address, path, body, expected, shape, ["-D", _duration(shape.warmup)])
-        cpu_before = process_cpu_seconds(server_pid) if server_pid else 0.0
+        cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
         run = _h2load(address, path, body, expected, shape, ["-D", _duration(shape.seconds)])
         if server_pid and run.calls:
-            run.server_cpu_us = (process_cpu_seconds(server_pid) - cpu_before) * 1e6 / run.calls
+            run.server_cpu_us = (cpu_seconds(server_pid) - cpu_before) * 1e6 / run.calls
             run.note = _join(run.note, f"server CPU {run.server_cpu_us:.0f} µs/call")
         if warmup and warmup.errors:  # not timed, but counted: zero errors means none at all
             run.errors += warmup.errors
@@ -107,12 +107,6 @@ def fixed_body_run(
         run = varying_body_run(address, path, lambda n: body, shape)
     _verify_after(run, address, path, body, expected)
     return run
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU of process `pid` (all its threads) so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def counted_run(address: str, path: str, body: bytes, shape: Shape, calls: int) -> Run:

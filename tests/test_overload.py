@@ -61,7 +61,8 @@ from tests.support import (
 # Small enough for these floods to hit the cap many times over. grpc hands the
 # handlers calls about as fast as the loop finishes them, so a ListUsers flood
 # keeps only a few in progress at once, whatever it has in flight: a cap of 8
-# with 4 connections was hit 0 to 70 times in a run (0 failed CI once).
+# with a pool of 4 was hit 0 to 70 times in a run (0 failed CI once); a cap of
+# 4 with a pool of 2, 115 to 228 times.
 SERVER_SETTINGS = {
     "MAX_CONCURRENT_RPCS": "4",
     "DB_POOL_SIZE": "2",
