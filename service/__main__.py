@@ -20,12 +20,14 @@ import sys
 
 from pydantic import ValidationError
 
-from service.config import Settings
+from service.auth import CallersFileError
+from service.config import Settings, with_page_token_secret
 from service.db import DatabaseUrlError, normalize_url
 from service.embedded import EmbeddedPostgresMissing, embedded_postgres
 from service.logs import configure_logging
 from service.migrations import upgrade_to_head
-from service.server import start
+from service.server import Credentials, read_credentials, start
+from service.tls import TlsFilesError
 from service.workers import STOP_SIGNALS, SupervisorLink, attach_to_supervisor, supervise
 
 logger = logging.getLogger("service")
@@ -53,6 +55,7 @@ class StartupSignals:
 async def serve(
     settings: Settings,
     database_url: str,
+    credentials: Credentials,
     startup: StartupSignals,
     supervisor: SupervisorLink | None = None,
 ) -> None:
@@ -62,7 +65,7 @@ async def serve(
         loop.add_signal_handler(signum, _on_signal, signum, stop_requested)
     if startup.received:
         return
-    running = await start(settings, database_url)
+    running = await start(settings, database_url, credentials=credentials)
     if supervisor is not None:
         supervisor.listening(stop_requested)
     await stop_requested.wait()
@@ -84,27 +87,32 @@ def main() -> int:
         if settings.database_url is not None:
             normalize_url(settings.database_url)  # fail before anything starts
     except (DatabaseUrlError, ValidationError) as error:
-        print(f"pat-users: configuration error: {_one_line(error)}", file=sys.stderr)
-        return 2
+        return _configuration_error(_one_line(error))
     configure_logging(settings)
+    try:
+        credentials = read_credentials(settings)
+    except (TlsFilesError, CallersFileError) as error:
+        return _configuration_error(_credentials_problem(error))
+    settings = with_page_token_secret(settings)
     if settings.database_url is not None:
-        return _run(settings, settings.database_url, startup)
+        return _run(settings, settings.database_url, credentials, startup)
     try:
         with embedded_postgres(settings.embedded_pg_dir) as database_url:
             if not startup.received:
                 upgrade_to_head(database_url)
-            return _run(settings, database_url, startup)
+            return _run(settings, database_url, credentials, startup)
     except EmbeddedPostgresMissing as error:
-        print(f"pat-users: configuration error: {error}", file=sys.stderr)
-        return 2
+        return _configuration_error(str(error))
 
 
-def _run(settings: Settings, database_url: str, startup: StartupSignals) -> int:
+def _run(
+    settings: Settings, database_url: str, credentials: Credentials, startup: StartupSignals
+) -> int:
     """Serve in this process or, with WORKERS > 1, supervise worker processes that do."""
     if settings.workers > 1:
         return asyncio.run(supervise(settings, database_url, startup))
     with _event_loop_runner(settings) as runner:
-        runner.run(serve(settings, database_url, startup, attach_to_supervisor()))
+        runner.run(serve(settings, database_url, credentials, startup, attach_to_supervisor()))
     return 0
 
 
@@ -123,6 +131,19 @@ def _event_loop_runner(settings: Settings) -> asyncio.Runner:
             logger.info("event loop: uvloop")
             return asyncio.Runner(loop_factory=uvloop.new_event_loop)
     return asyncio.Runner()
+
+
+def _configuration_error(problem: str) -> int:
+    """Say what is wrong in one line; the exit status of a configuration error."""
+    print(f"pat-users: configuration error: {problem}", file=sys.stderr)
+    return 2
+
+
+def _credentials_problem(error: TlsFilesError | CallersFileError) -> str:
+    # Worded as when Settings' validators read these files (docs show such a line).
+    if isinstance(error, CallersFileError):
+        return f"AUTH_TOKENS_FILE: Value error, {error}"
+    return f"Value error, {error}"
 
 
 def _one_line(error: Exception) -> str:

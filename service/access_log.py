@@ -48,10 +48,10 @@ class Entry:
         """The trailing metadata that hands the request id back."""
         return ((REQUEST_ID, self.request_id),)
 
-    def write(self, context: Context, method: str, caller: str, ended: bool) -> None:
-        """Log the RPC's line; `ended`: the handler returned (else it was cancelled)."""
+    def write(self, context: Context, method: str, caller: str, returned: bool) -> None:
+        """Log the RPC's line; `returned`: the handler returned (else it was cancelled)."""
         milliseconds = (time.perf_counter() - self.started) * 1000
-        code = _code_name(context, ended)
+        code = _code_name(context, returned)
         peer = self.peer
         fields = {
             "method": method,
@@ -92,12 +92,12 @@ class AccessLog:
         return f"{self._prefix}-{next(self._sequence):x}"
 
 
-def _code_name(context: Context, ended: bool) -> str:
+def _code_name(context: Context, returned: bool) -> str:
     """The status the caller gets: the one aborted with, else OK or how it was cut short."""
     code = context.code()
     if code is not None:
         return str(code.name)
-    if ended:
+    if returned:
         return "OK"
     remaining = context.time_remaining()
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"

@@ -74,7 +74,7 @@ class Admission:
     def leave(self) -> None:
         self.in_progress -= 1
 
-    def sending(self, context: Context, size: int) -> None:
+    def track_unsent(self, context: Context, size: int) -> None:
         """Count an answer of `size` bytes as unsent until its call is done (taken)."""
         peer = context.peer()
         self.unsent_bytes += size

@@ -1,9 +1,13 @@
-"""Settings, read once from the environment.
+"""Settings, read once from the environment: values only.
 
-Every variable is documented in the README's "Configuration" section; the
-defaults suit `make run` on a laptop.
+Nothing here reads a file or imports a feature module: the TLS and callers'
+files these settings name are read and checked once, at start, by the
+wiring (server.py). Every variable is documented in docs/configuration.md;
+the defaults suit `make run` on a laptop.
 """
 
+import logging
+import secrets
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -12,6 +16,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+logger = logging.getLogger(__name__)
 
 
 class Settings(BaseSettings):
@@ -89,7 +95,7 @@ class Settings(BaseSettings):
     # "pgbouncer": DATABASE_URL names PgBouncer in transaction pooling mode. The
     # engine then prepares no named statements, and, as PgBouncer cannot pass
     # statement_timeout on, requires the role or database to set it at most
-    # DB_STATEMENT_TIMEOUT_SECONDS (README, "Behind PgBouncer").
+    # DB_STATEMENT_TIMEOUT_SECONDS (docs/pgbouncer.md).
     db_pooler: Literal["none", "pgbouncer"] = "none"
 
     health_check_interval_seconds: float = Field(default=0.5, gt=0)
@@ -102,8 +108,9 @@ class Settings(BaseSettings):
     # After the drain: how long in-flight RPCs may take to finish.
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
 
-    # Signs ListUsers page tokens. Unset: a random key per process, so tokens
-    # do not survive a restart nor cross replicas; set it in production.
+    # Signs ListUsers page tokens and WatchUsers resume tokens. Unset: a random
+    # key for this run (shared by its workers: `with_page_token_secret`), so
+    # tokens do not survive a restart nor cross replicas; set it in production.
     # Empty, or an example's placeholder (CHANGE-ME…), stops start-up.
     page_token_secret: SecretStr | None = None
 
@@ -112,16 +119,17 @@ class Settings(BaseSettings):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     # mTLS: clients must present a certificate signed by a CA in this file;
-    # its identity (first DNS SAN, else the subject's CN) authenticates the caller.
+    # its identity (first DNS SAN, else first URI SAN, else the subject's CN)
+    # authenticates the caller.
     tls_client_ca_file: Path | None = None
     # A second, plaintext port on GRPC_HOST carrying grpc.health.v1 alone, for
     # probes that speak neither TLS nor tokens (Kubernetes grpc: probes), and
     # `python -m service.probe`. Unset: none; 0 picks a free port (logged).
     health_port: int | None = Field(default=None, ge=0, le=65535)
     # Callers: one `NAME sha256:HEX [METHOD,...]` (bearer token) or
-    # `NAME x509 [METHOD,...]` (client certificate) line each (README, "Callers
-    # and tokens"). Set (or with mTLS), UserService calls without valid
-    # credentials are UNAUTHENTICATED. Re-read when it changes.
+    # `NAME x509 [METHOD,...]` (client certificate) line each
+    # (docs/tls-and-callers.md). Set (or with mTLS), UserService calls without
+    # valid credentials are UNAUTHENTICATED. Re-read when it changes.
     auth_tokens_file: Path | None = None
     # Server reflection: "open" to anyone, "authenticated" like UserService, or "off".
     reflection: Literal["open", "authenticated", "off"] = "open"
@@ -173,16 +181,6 @@ class Settings(BaseSettings):
                 raise ValueError("is a placeholder or empty: use openssl rand -hex 32")
         return secret
 
-    @field_validator("auth_tokens_file")
-    @classmethod
-    def _callers_file_parses(cls, path: Path | None) -> Path | None:
-        """A malformed AUTH_TOKENS_FILE stops start-up with its line number."""
-        if path is not None:
-            from service.auth import read_callers  # only when set: it loads the protos
-
-            read_callers(path)
-        return path
-
     @model_validator(mode="after")
     def _reflection_can_authenticate(self) -> "Settings":
         """REFLECTION=authenticated with no way to authenticate would be silently open or shut."""
@@ -196,15 +194,27 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_tls_and_health_port(self) -> "Settings":
-        """TLS files usable and complete (a certificate needs its key); distinct ports."""
+        """TLS settings complete (a certificate needs its key); distinct ports."""
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("TLS_CERT_FILE and TLS_KEY_FILE must be set together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("TLS_CLIENT_CA_FILE (mTLS) needs TLS_CERT_FILE and TLS_KEY_FILE")
-        if self.tls_cert_file is not None and self.tls_key_file is not None:
-            from service.tls import CertificateFiles  # reads and checks them: only when set
-
-            CertificateFiles(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
         if self.health_port and self.health_port == self.grpc_port:
             raise ValueError("HEALTH_PORT must differ from GRPC_PORT")
         return self
+
+
+def with_page_token_secret(settings: Settings) -> Settings:
+    """`settings`, with a random PAGE_TOKEN_SECRET for this run when none is set (warned).
+
+    The one place this is decided, before any server or worker starts: the
+    workers of one supervisor inherit it, so a page token verifies in
+    whichever worker the next page's call reaches.
+    """
+    if settings.page_token_secret is not None:
+        return settings
+    logger.warning(
+        "PAGE_TOKEN_SECRET is not set: page tokens will not survive a restart or cross replicas"
+    )
+    random_secret = SecretStr(secrets.token_urlsafe(32))
+    return settings.model_copy(update={"page_token_secret": random_secret})

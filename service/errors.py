@@ -1,21 +1,20 @@
 """Domain errors and their one mapping to gRPC statuses with google.rpc details.
 
-Handlers raise; the wrapper server.py puts around every UserService handler
-hands whatever escapes an RPC to `abort`, which turns it into a status a
-caller can act on. Nothing a caller sees carries SQL, tracebacks,
-connection strings or another user's data: unexpected errors become a generic
-INTERNAL and their traceback goes to the log only.
+Handlers raise; the one per-call wrapper (guards.py) hands whatever escapes
+an RPC to `abort`, which turns it into a status a caller can act on. Nothing
+a caller sees carries SQL, tracebacks, connection strings or another user's
+data: unexpected errors become a generic INTERNAL and their traceback goes
+to the log only.
 """
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from sqlalchemy import exc as sa_exc
@@ -108,18 +107,6 @@ def _bounded(description: str) -> str:
     if len(ascii_only) <= MAX_DESCRIPTION_LENGTH:
         return ascii_only
     return ascii_only[: MAX_DESCRIPTION_LENGTH - 3] + "..."
-
-
-class UndecodableRequest(ServiceError):
-    """The request bytes are not the message the method takes."""
-
-    code = code_pb2.INVALID_ARGUMENT
-
-    def __init__(self) -> None:
-        super().__init__(
-            "the request is not a valid protobuf message for this method "
-            "(corrupt wire format, or a string field that is not UTF-8)"
-        )
 
 
 class NotFound(ServiceError):
@@ -364,30 +351,6 @@ def to_rpc_status(error: Exception, method: str) -> status_pb2.Status:
         any_detail.Pack(detail)
         packed.append(any_detail)
     return status_pb2.Status(code=code, message=message, details=packed)
-
-
-# grpc's stubs type handlers as synchronous; on an aio server they are coroutines.
-Behavior = Callable[[Any, Any], Any]
-
-
-class Undecodable:
-    """Stands in for a request whose bytes did not parse."""
-
-
-def tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    """`deserializer`, but undecodable bytes become an `Undecodable` request.
-
-    grpc would answer a parse failure with UNKNOWN and the parser's text;
-    deferring it to the handler lets it become INVALID_ARGUMENT like any bad input.
-    """
-
-    def deserialize(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except DecodeError:
-            return Undecodable()
-
-    return deserialize
 
 
 async def abort(

@@ -7,7 +7,7 @@ of it is loaded, registered or run, and no call pays for it.
   grpc.server.call.duration and the sent and received message sizes, per
   method and status), under the names gRPC's OpenTelemetry plugin gives them
   in Prometheus. Not through that plugin (grpcio-observability): with a
-  grpc.aio server it deadlocks under load (README, "Metrics and traces").
+  grpc.aio server it deadlocks under load (docs/observability.md).
   They are measured by a server interceptor around every call, into
   prometheus_client series bound once per method: about 2 µs a call, where
   OpenTelemetry's instruments took 18.
@@ -27,7 +27,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, TypeAlias
+from typing import Any
 
 import grpc
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -45,13 +45,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.admission import Admission
 from service.db import PoolStatus, pool_status
+from service.guards import Handler, behavior_of, rebuilt
 from service.health import SERVING, DatabaseHealth
 from service.loop_lag import LoopLag
 
 logger = logging.getLogger(__name__)
 
 Callback = Callable[[CallbackOptions], Iterable[Observation]]
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in its stubs
 Context = grpc.aio.ServicerContext[Any, Any]
 
 # gRFC A66's bucket boundaries: seconds, and bytes.
@@ -252,30 +252,10 @@ class _Method:
 
 def _measured(handler: Handler, method: _Method) -> Handler:
     """`handler` with its calls counted, timed and sized."""
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            _unary(handler.unary_unary, method),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            _streaming(handler.unary_stream, method),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(
-            _streaming(handler.stream_unary, method),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    assert handler.stream_stream is not None
-    return grpc.stream_stream_rpc_method_handler(
-        _streaming(handler.stream_stream, method),
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    kind, behavior = behavior_of(handler)
+    if kind == "unary_unary":
+        return rebuilt(handler, _unary(behavior, method))
+    return rebuilt(handler, _streaming(behavior, method))
 
 
 def _unary(behavior: Any, method: _Method) -> Any:
@@ -302,7 +282,8 @@ def _unary(behavior: Any, method: _Method) -> Any:
 
 
 def _streaming(behavior: Any, method: _Method) -> Any:
-    """A streaming handler, be it an async generator or a coroutine using context.write."""
+    """A streaming handler: an async generator (WatchUsers, reflection), or a
+    coroutine that writes with context.write (grpc's own Health/Watch)."""
     if inspect.isasyncgenfunction(behavior):
 
         async def generating(request: Any, context: Context) -> AsyncIterator[Any]:

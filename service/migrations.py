@@ -48,5 +48,6 @@ def migration_database_url(settings: Settings) -> tuple[str, str | None]:
 
 
 def upgrade_to_head(database_url: str) -> None:
-    """Blocking, and runs its own event loop: call it from a worker thread."""
+    """Migrate to head. Blocking, and alembic/env.py runs an event loop of its own:
+    call it where no event loop runs (from async code: asyncio.to_thread)."""
     command.upgrade(alembic_config(database_url), "head")

@@ -11,29 +11,12 @@ client certificate nor token, so with TLS on it needs HEALTH_PORT, and says so.
 
 import argparse
 import sys
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.config import Settings
-
-
-class ProbeSettings(BaseSettings):
-    """The few server settings the probe needs, read from the environment as Settings reads them.
-
-    Not Settings itself: that also reads and checks the TLS and callers' files,
-    and a file caught half-written during a rotation must not fail the health
-    check of a server that keeps serving the previous one.
-    """
-
-    model_config = SettingsConfigDict(case_sensitive=False)
-
-    grpc_port: int = Settings.model_fields["grpc_port"].default
-    health_port: int | None = None
-    tls_cert_file: Path | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,9 +44,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _address_from_settings() -> str | None:
-    """The plaintext port the server in this container answers health checks on."""
+    """The plaintext port the server in this container answers health checks on.
+
+    Settings read no file, so a certificate caught half-written during a
+    rotation cannot fail the check of a server still serving the previous one.
+    """
     try:
-        settings = ProbeSettings()
+        settings = Settings()
     except ValidationError as error:
         print(f"health check failed: configuration error: {error}", file=sys.stderr)
         return None

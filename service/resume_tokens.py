@@ -6,7 +6,7 @@ own, so neither kind of token passes for the other.
 
 from itsdangerous import BadData, URLSafeSerializer
 
-from service.changes import Position
+from service.outbox import Position
 
 _SALT = "pat.users.v1.UserService.WatchUsers"
 # Issued tokens are under 80 characters. A longer one is refused before HMAC.

@@ -6,6 +6,7 @@ in a transaction.
 Errors are raised, never turned into statuses here: errors.py does that.
 """
 
+from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
@@ -16,12 +17,14 @@ from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1 import user_service_pb2_grpc
 from service import db, users
 from service.change_feed import ChangeFeed
-from service.changes import Position
+from service.change_messages import ChangeMessages
 from service.convert import to_proto
 from service.errors import FieldViolation, InvalidArgument
+from service.outbox import Position
 from service.page_tokens import InvalidPageToken, PageTokens
 from service.resume_tokens import InvalidResumeToken, ResumeTokens
 from service.validation import Violations
+from service.watch import Watch
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -35,13 +38,15 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         self,
         sessions: async_sessionmaker[AsyncSession],
         page_tokens: PageTokens,
-        feed: ChangeFeed,
         resume_tokens: ResumeTokens,
+        feed: ChangeFeed,
+        messages: ChangeMessages,
     ) -> None:
         self._sessions = sessions
         self._page_tokens = page_tokens
-        self._feed = feed
         self._resume_tokens = resume_tokens
+        self._feed = feed
+        self._messages = messages
 
     async def CreateUser(
         self, request: pb.CreateUserRequest, context: Context
@@ -127,10 +132,10 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         check = Violations()
         user_id = check.id("user.id", request.user.id)
         version = check.etag("user.etag", request.user.etag)
-        changes = check.update_changes(request.user, request.update_mask.paths)
+        fields = check.updated_fields(request.user, request.update_mask.paths)
         check.raise_if_any()
         user = await db.write(
-            self._sessions, users.update_fields, user_id, changes, expected_version=version
+            self._sessions, users.update_fields, user_id, fields, expected_version=version
         )
         return pb.UpdateUserResponse(user=to_proto(user))
 
@@ -148,15 +153,13 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         user = await db.write(self._sessions, users.undelete, user_id, expected_version=version)
         return pb.UndeleteUserResponse(user=to_proto(user))
 
-    # A coroutine that writes, where the stubs expect an iterator: grpc.aio
-    # takes either, and writing lets a watch race each write against its end.
-    async def WatchUsers(  # type: ignore[override]
+    async def WatchUsers(
         self, request: pb.WatchUsersRequest, context: Context
-    ) -> None:
+    ) -> AsyncIterator[pb.WatchUsersResponse]:
         after = self._resume_position(request.resume_token)
-        async with self._feed.watch(after) as watch:
-            async for response in watch:
-                await watch.deliver(context.write(response))
+        async with self._feed.subscribe(after) as subscription:
+            async for response in Watch(subscription, self._sessions, self._messages):
+                yield response
 
     def _resume_position(self, token: str) -> Position | None:
         if not token:

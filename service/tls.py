@@ -26,16 +26,11 @@ from pathlib import Path
 
 import grpc
 
-from service.config import Settings
-
 logger = logging.getLogger(__name__)
 
 
 class TlsFilesError(ValueError):
-    """The TLS files cannot be used: unreadable, not PEM, or a key that does not match.
-
-    A ValueError, so that Settings' validation reports it as a configuration error.
-    """
+    """The TLS files cannot be used: unreadable, not PEM, or a key that does not match."""
 
 
 @dataclass(frozen=True)
@@ -116,14 +111,10 @@ class CertificateFiles:
         )
 
 
-def add_port(server: grpc.aio.Server, address: str, settings: Settings) -> int:
-    """Bind `address`: TLS only (mTLS with TLS_CLIENT_CA_FILE) when TLS_CERT_FILE is set."""
-    if settings.tls_cert_file is None:
+def add_port(server: grpc.aio.Server, address: str, files: CertificateFiles | None) -> int:
+    """Bind `address`: TLS only with `files` (mTLS when they hold a client CA), else plaintext."""
+    if files is None:
         return server.add_insecure_port(address)
-    assert settings.tls_key_file is not None  # Settings requires the pair
-    files = CertificateFiles(
-        settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
-    )
     credentials = grpc.dynamic_ssl_server_credentials(
         files.served.configuration(),
         files.fetch,  # type: ignore[arg-type]  # the stub forgets None, "unchanged"

@@ -22,7 +22,6 @@ OTEL_SERVICE_NAME defaults to "pat-users".
 """
 
 import asyncio
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,28 +66,12 @@ class Tracing:
         """The server interceptor that opens each RPC's span (health checks excepted)."""
         tracer = self.provider.get_tracer(instrumentation_grpc.__name__, instrumentation_version)
         not_health = filters.negate(filters.service_name(HEALTH_SERVICE))
-        return [_ServerInterceptor(tracer, filter_=not_health)]  # type: ignore[no-untyped-call]
+        return [OpenTelemetryAioServerInterceptor(tracer, filter_=not_health)]  # type: ignore[no-untyped-call]
 
     async def stop(self) -> None:
         """Export what is left (blocking, so on a thread) and un-instrument asyncpg."""
         self._asyncpg.uninstrument()
         await asyncio.to_thread(self.provider.shutdown)
-
-
-class _ServerInterceptor(OpenTelemetryAioServerInterceptor):
-    """The library's interceptor, able to trace WatchUsers too.
-
-    WatchUsers writes its answers with `context.write` from a coroutine, which
-    the library's streaming wrapper cannot run: it iterates the handler
-    (`async for`). Such a handler is wrapped as a unary one is, which awaits it.
-    """
-
-    def _intercept_aio_server_stream(
-        self, behavior: Any, handler_call_details: grpc.HandlerCallDetails
-    ) -> Any:
-        if inspect.isasyncgenfunction(behavior):
-            return super()._intercept_aio_server_stream(behavior, handler_call_details)  # type: ignore[no-untyped-call]
-        return self._intercept_aio_server_unary(behavior, handler_call_details)  # type: ignore[no-untyped-call]
 
 
 def _resource() -> Resource:

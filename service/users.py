@@ -161,14 +161,14 @@ def _page_statement(*, show_deleted: bool, after_cursor: bool) -> Any:
 def update_fields(
     session: Session,
     user_id: uuid.UUID,
-    changes: Mapping[str, str],
+    fields: Mapping[str, str],
     *,
     expected_version: int | None,
 ) -> UserRow:
-    """Set mutable fields of a live user."""
-    unknown = set(changes) - set(MUTABLE_FIELDS)
+    """Set mutable fields of a live user to the values in `fields`."""
+    unknown = set(fields) - set(MUTABLE_FIELDS)
     assert not unknown, f"not mutable: {unknown}"
-    return _write(session, user_id, dict(changes), expected_version, deleted=False)
+    return _write(session, user_id, dict(fields), expected_version, deleted=False)
 
 
 def delete(session: Session, user_id: uuid.UUID, *, expected_version: int | None) -> UserRow:
@@ -184,7 +184,7 @@ def undelete(session: Session, user_id: uuid.UUID, *, expected_version: int | No
 def _write(
     session: Session,
     user_id: uuid.UUID,
-    changes: dict[str, Any],
+    fields: dict[str, Any],
     expected_version: int | None,
     *,
     deleted: bool,
@@ -198,9 +198,9 @@ def _write(
     wins, the others see the bumped version and fail with EtagMismatch.
     """
     statement = _update_statement(
-        tuple(sorted(changes)), deleted, deleting, expected_version is not None
+        tuple(sorted(fields)), deleted, deleting, expected_version is not None
     )
-    parameters = {f"new_{name}": value for name, value in changes.items()}
+    parameters = {f"new_{name}": value for name, value in fields.items()}
     parameters.update(user_id=user_id, expected_version=expected_version)
     try:
         written = session.connection().execute(statement, parameters).one_or_none()

@@ -94,7 +94,7 @@ class Violations:
             self.add(field, "is not an etag issued by this service")
         return version
 
-    def update_changes(self, user: user_pb2.User, mask_paths: Sequence[str]) -> dict[str, str]:
+    def updated_fields(self, user: user_pb2.User, mask_paths: Sequence[str]) -> dict[str, str]:
         """The mutable fields UpdateUser should set, from the user and its update_mask.
 
         No paths: every mutable field with a non-empty value. "*": all of them.
@@ -112,12 +112,12 @@ class Violations:
             chosen = [name for name in MUTABLE_FIELDS if name in paths]
             for index, path in enumerate(paths):
                 self._check_mask_path(f"update_mask.paths[{index}]", path)
-        changes = {}
+        fields = {}
         if "email" in chosen:
-            changes["email"] = self.email("user.email", user.email)
+            fields["email"] = self.email("user.email", user.email)
         if "display_name" in chosen:
-            changes["display_name"] = self.display_name("user.display_name", user.display_name)
-        return changes
+            fields["display_name"] = self.display_name("user.display_name", user.display_name)
+        return fields
 
     def _check_mask_path(self, field: str, path: str) -> None:
         if path in MUTABLE_FIELDS:

@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import signal
 import socket
 import sys
@@ -114,22 +113,20 @@ def _worker_environment(
 ) -> dict[str, str]:
     """Each worker is a lone server on the shared port and the one database.
 
-    A page token must verify in whichever worker the next page's call reaches:
-    without PAGE_TOKEN_SECRET, the workers share one random key of this run.
+    A page token must verify in whichever worker the next page's call
+    reaches: every worker gets this run's PAGE_TOKEN_SECRET, the configured
+    one or the random one `config.with_page_token_secret` chose.
     """
+    assert settings.page_token_secret is not None  # __main__ chose one
     environment = {
         **os.environ,
         "DATABASE_URL": database_url,
         "GRPC_PORT": str(port),
         "WORKERS": "1",
+        "PAGE_TOKEN_SECRET": settings.page_token_secret.get_secret_value(),
     }
     if health_port is not None:
         environment["HEALTH_PORT"] = str(health_port)
-    if settings.page_token_secret is None:
-        logger.warning(
-            "PAGE_TOKEN_SECRET is not set: page tokens will not survive a restart or cross replicas"
-        )
-        environment["PAGE_TOKEN_SECRET"] = secrets.token_urlsafe(32)
     return environment
 
 

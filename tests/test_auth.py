@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
 from service.auth import CallersFileError, parse_callers
-from service.server import RunningServer
+from service.server import RunningServer, read_credentials
 from tests.certificates import CertificateAuthority, Issued
 from tests.support import (
     PROJECT_ROOT,
@@ -277,16 +277,16 @@ def test_a_malformed_file_fails_start_naming_the_line(
 ) -> None:
     path = tmp_path / "callers"
     path.write_text(content)
-    with pytest.raises(ValidationError) as raised:
-        server_settings(database_url, auth_tokens_file=path)
+    with pytest.raises(CallersFileError) as raised:
+        read_credentials(server_settings(database_url, auth_tokens_file=path))
     message = str(raised.value)
     assert complaint in message
     assert HASH[:16] not in message.lower()  # never the hash
 
 
 def test_a_missing_file_fails_start(database_url: str, tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="cannot read it"):
-        server_settings(database_url, auth_tokens_file=tmp_path / "nowhere")
+    with pytest.raises(CallersFileError, match="cannot read it"):
+        read_credentials(server_settings(database_url, auth_tokens_file=tmp_path / "nowhere"))
 
 
 async def test_the_service_refuses_to_start_with_a_malformed_file(
@@ -439,7 +439,8 @@ async def test_x509_lines_name_the_certificates_that_may_call_and_what(
 
 
 def test_the_readme_example_file_and_start_up_error_are_what_the_server_reads_and_says() -> None:
-    section = (PROJECT_ROOT / "README.md").read_text().split("## Callers and tokens")[1]
+    page = PROJECT_ROOT / "docs" / "tls-and-callers.md"
+    section = page.read_text().split("## Callers and tokens")[1]
     section = section.split("\n## ")[0]
     blocks = re.findall(r"^```text\n(.*?)^```", section, re.DOTALL | re.MULTILINE)
     example = next(block for block in blocks if "# NAME" in block)

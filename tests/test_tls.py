@@ -27,8 +27,8 @@ from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
 from service.config import Settings
 from service.migrations import upgrade_to_head
-from service.server import start
-from service.tls import add_port
+from service.server import read_credentials, start
+from service.tls import CertificateFiles, TlsFilesError, add_port
 from tests.certificates import CertificateAuthority, Issued
 from tests.support import (
     PROJECT_ROOT,
@@ -250,8 +250,9 @@ def bad_files(
 def test_unusable_files_are_a_configuration_error(
     ca: CertificateAuthority, other_ca: CertificateAuthority, case: str, names: list[str]
 ) -> None:
-    with pytest.raises(ValidationError) as raised:
-        Settings(**bad_files(ca, other_ca, case))  # type: ignore[arg-type]
+    settings = Settings(**bad_files(ca, other_ca, case))  # type: ignore[arg-type]
+    with pytest.raises(TlsFilesError) as raised:
+        read_credentials(settings)
     for name in names:
         assert name in str(raised.value)
 
@@ -414,7 +415,7 @@ async def test_log_names_the_served_certificate_by_its_fingerprint(
 ) -> None:
     issued = ca.server()
     caplog.set_level(logging.INFO, logger="service.tls")
-    settings = Settings(tls_cert_file=issued.cert_file, tls_key_file=issued.key_file)
-    add_port(grpc.aio.server(), "127.0.0.1:0", settings)
+    files = CertificateFiles(issued.cert_file, issued.key_file, None)
+    add_port(grpc.aio.server(), "127.0.0.1:0", files)
     der = x509.load_pem_x509_certificate(issued.cert_pem).public_bytes(serialization.Encoding.DER)
     assert f"certificate sha256:{hashlib.sha256(der).hexdigest()}" in caplog.text
