@@ -1,11 +1,12 @@
-"""README's grpcurl and buf curl lines, run as written against a real server.
+"""The grpcurl and buf curl lines of README and docs/, run as written against a real server.
 
-Every grpcurl and bufcurl command in README.md's shell blocks runs, in README
-order, with only the address and the placeholders (ID, ID2,
-NEXT_PAGE_TOKEN) replaced by real values from earlier answers; each one's
-exit status and answer are checked against what the call must have done.
-A command this file cannot run, or has no check for, fails the test: the
-README cannot drift from what works.
+Every grpcurl and bufcurl command in the shell blocks of README.md and of each
+docs/*.md page runs, in that order (README first, then the pages by name, each
+top to bottom), with only the address and the placeholders (ID, ID2,
+NEXT_PAGE_TOKEN, RESUME_TOKEN) replaced by real values from earlier answers;
+each one's exit status and answer are checked against what the call must have
+done. A command this file cannot run, or has no check for, fails the test: the
+documentation cannot drift from what works.
 """
 
 import asyncio
@@ -38,6 +39,7 @@ from tests.support import (
 )
 
 README = PROJECT_ROOT / "README.md"
+DOCS = PROJECT_ROOT / "docs"
 README_ADDRESS = "localhost:50051"
 PLACEHOLDERS = ("ID", "ID2", "NEXT_PAGE_TOKEN", "RESUME_TOKEN")
 VENV_BIN = Path(sys.executable).parent
@@ -46,14 +48,20 @@ TOKEN = "s3cr3t-token-of-the-readme-caller"
 COMMAND_TIMEOUT = 20
 
 
-# --- reading the README -------------------------------------------------------------------
+# --- reading the README and docs/ ---------------------------------------------------------
+
+
+def pages() -> list[Path]:
+    """README.md, then every page of docs/ by name."""
+    return [README, *sorted(DOCS.glob("*.md"))]
 
 
 @dataclass(frozen=True)
 class Command:
-    """One shell command of the README, as written there, and its words."""
+    """One shell command of the README or a docs page, as written there, and its words."""
 
     text: str
+    page: str  # where it is written, relative to the checkout
 
     @property
     def argv(self) -> list[str]:
@@ -69,18 +77,21 @@ def split(text: str) -> list[str]:
 
 
 def readme_commands() -> list[Command]:
-    """Every command of README's ```sh blocks; one may span lines (`\\`, or an open quote)."""
+    """Every command of the pages' ```sh blocks; one may span lines (`\\`, or an open quote)."""
     commands: list[Command] = []
-    for block in re.findall(r"^```sh\n(.*?)^```", README.read_text(), re.DOTALL | re.MULTILINE):
-        pending = ""
-        for line in block.splitlines():
-            if not pending and (not line.strip() or line.lstrip().startswith("#")):
-                continue
-            pending += line + "\n"
-            if not line.endswith("\\") and _complete(pending):
-                commands.append(Command(pending.rstrip("\n")))
-                pending = ""
-        assert not pending, f"a README shell block ends inside a command: {pending}"
+    for path in pages():
+        page = str(path.relative_to(PROJECT_ROOT))
+        text = path.read_text()
+        for block in re.findall(r"^```sh\n(.*?)^```", text, re.DOTALL | re.MULTILINE):
+            pending = ""
+            for line in block.splitlines():
+                if not pending and (not line.strip() or line.lstrip().startswith("#")):
+                    continue
+                pending += line + "\n"
+                if not line.endswith("\\") and _complete(pending):
+                    commands.append(Command(pending.rstrip("\n"), page))
+                    pending = ""
+            assert not pending, f"a shell block of {page} ends inside a command: {pending}"
     return commands
 
 
@@ -127,7 +138,7 @@ class Result:
 
 @dataclass
 class Session:
-    """Runs README commands against one server, remembering what the answers told."""
+    """Runs documented commands against one server, remembering what the answers told."""
 
     address: str
     cwd: Path
@@ -384,7 +395,7 @@ def snake(value: Any) -> Any:
 
 
 def tool_env(**extra: str) -> dict[str, str]:
-    """The environment of README's commands: .venv/bin (grpcurl, buf) first on PATH."""
+    """The environment of the documented commands: .venv/bin (grpcurl, buf) first on PATH."""
     path = os.pathsep.join([str(VENV_BIN), os.environ.get("PATH", "")])
     return subprocess_env(PATH=path, **extra)
 
@@ -400,18 +411,26 @@ def test_the_readme_has_every_kind_of_command_and_only_runnable_ones() -> None:
     # mTLS and a token); a line of another kind needs a test of its own here.
     assert {c.text for c in grpcurl} == {c.text for c in plaintext + tls}
     assert not {c.text for c in plaintext} & {c.text for c in tls}
+    assert tls, "the TLS grpcurl block is gone"
     for command in tls:
-        assert {"-cert", "-key", "-H"} <= set(command.argv), command.text
+        assert {"-cert", "-key", "-H"} <= set(command.argv), f"{command.page}: {command.text}"
     for command in grpcurl + bufcurl_commands():
-        assert README_ADDRESS in command.text, command.text
+        assert README_ADDRESS in command.text, f"{command.page}: {command.text}"
+    # Every UserService RPC has a plaintext command, WatchUsers both from now and resumed.
     methods = {_target(c.argv, README_ADDRESS).rpartition("/")[2] for c in plaintext}
-    assert {"CreateUser", "GetUser", "UpdateUser", "DeleteUser", "UndeleteUser"} <= methods
+    service = descriptor_pool.Default().FindServiceByName("pat.users.v1.UserService")
+    assert {method.name for method in service.methods} <= methods
+    watches = [_request(c.argv) for c in plaintext if c.text.endswith("/WatchUsers")]
+    assert watches, "the WatchUsers commands are gone"
+    assert "resume_token" not in watches[0], "WatchUsers from now must come first"
+    assert any("resume_token" in request for request in watches), "no resumed WatchUsers"
     assert bufcurl_commands(), "the buf curl block is gone"
     bufcurl_alias()
 
 
 def test_grpcurl_is_the_version_the_readme_names() -> None:
-    (named,) = set(re.findall(r"grpcurl (v\d+\.\d+\.\d+)", README.read_text()))
+    text = "\n".join(path.read_text() for path in pages())
+    (named,) = set(re.findall(r"grpcurl (v\d+\.\d+\.\d+)", text))
     version = subprocess.run(
         [VENV_BIN / "grpcurl", "-version"], capture_output=True, text=True, timeout=10, check=True
     )
@@ -449,7 +468,7 @@ async def test_the_readme_buf_curl_commands_work(database_url: str) -> None:
 
 @dataclass(frozen=True)
 class TlsFolder:
-    """What README's TLS commands expect in their folder, and the server's side of it."""
+    """What the documented TLS commands expect in their folder, and the server's side of it."""
 
     folder: Path
     server_settings: dict[str, object]
