@@ -76,7 +76,7 @@ BENCH_ARGS ?=
 bench: $(INSTALLED)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
-## Hostile and overloading callers against a real server (see bench/floods.py).
+## Hostile and overloading callers against a real server (see bench/floods/).
 floods: $(INSTALLED)
 	$(BIN)/python -m bench.floods
 

@@ -41,7 +41,7 @@ from bench.baseline import event_loop_runner
 from bench.load import Shape, have_h2load
 from bench.report import Report, Target, print_targets, ratio
 from bench.seed import seed
-from service.migrations import upgrade_to_head
+from toolkit.databases import migrate_to_head
 
 PAIR_SECTIONS = ("list", "get", "lookup", "health", "create", "update")
 MAIN_DATABASE_SECTIONS = (*PAIR_SECTIONS, "session", "workers", "watch", "rss")
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.names & set(MAIN_DATABASE_SECTIONS):
         with servers.database() as url:
             with report.timed("setup"):
-                upgrade_to_head(url)
+                migrate_to_head(url)
                 seed(url, args.users)
                 bench.user_ids = sections.user_ids(url)
             if not _on_main_database(bench, url, args):

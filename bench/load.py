@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 
 from bench import h2grpc
-from bench.servers import cpu_seconds
+from toolkit.processes import cpu_seconds
 
 
 @dataclass

@@ -18,11 +18,13 @@ from bench import servers
 from bench.load import Run, Shape, call_raw, counted_run, fixed_body_run, varying_body_run
 from bench.report import Report
 from bench.seed import seed
-from bench.servers import Server, pgbouncer_binary
+from bench.servers import Server
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
 from service.config import Settings
-from service.migrations import upgrade_to_head
+from toolkit.databases import asyncpg_dsn, execute, migrate_to_head
+from toolkit.pgbouncer import pgbouncer_binary
+from toolkit.processes import cpu_seconds, rss_mb, worker_pids
 
 USER_SERVICE = "/pat.users.v1.UserService"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -53,7 +55,7 @@ def user_ids(url: str) -> list[str]:
     """Every user's id, in ListUsers order."""
 
     async def fetch() -> list[str]:
-        connection = await asyncpg.connect(servers.plain_url(url))
+        connection = await asyncpg.connect(asyncpg_dsn(url))
         try:
             rows = await connection.fetch("SELECT id::text FROM users ORDER BY create_time, id")
             return [row[0] for row in rows]
@@ -206,8 +208,8 @@ def rss(bench: Bench, url: str, requests: int) -> None:
             run = counted_run(server.address, f"{USER_SERVICE}/GetUser", body, bench.shape, chunk)
             run.rpc, run.server = f"GetUser (RSS run {quarter}/4)", server.name
             bench.report.add(run)
-            pids = servers.worker_pids(server.pid)
-            samples.append((quarter * chunk, max(servers.rss_mb(pid) for pid in pids)))
+            pids = worker_pids(server.pid)
+            samples.append((quarter * chunk, max(rss_mb(pid) for pid in pids)))
     mid, end = samples[1][1], samples[3][1]
     bench.report.figures["rss"] = {
         "requests": 4 * chunk,
@@ -248,10 +250,10 @@ def _cpu_split(bench: Bench, server: Server, body: bytes, shape: Shape) -> Runne
     fixed = _fixed_runner(bench, server, f"{USER_SERVICE}/GetUser", body, shape)
 
     def run() -> Run:
-        pids = servers.worker_pids(server.pid)
-        before = [servers.cpu_seconds(pid) for pid in pids]
+        pids = worker_pids(server.pid)
+        before = [cpu_seconds(pid) for pid in pids]
         done = fixed()
-        used = [servers.cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
+        used = [cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
         split = "/".join(f"{100 * u / (sum(used) or 1):.0f}" for u in used)
         notes = (done.note, f"{len(pids)} process(es), CPU split {split} %", *server.notes)
         done.note = "; ".join(note for note in notes if note)
@@ -280,10 +282,10 @@ def pgbouncer(bench: Bench) -> None:
         bench.report.note(f"PgBouncer section skipped: {'; '.join(why)}")
         return
     with servers.small_database(PGBOUNCER_MAX_CONNECTIONS) as direct:
-        upgrade_to_head(direct)
-        # PgBouncer cannot pass statement_timeout at connect: the role sets it (README).
+        migrate_to_head(direct)
+        # PgBouncer cannot pass statement_timeout at connect: the role sets it (docs/pgbouncer.md).
         timeout = f"{int(Settings().db_statement_timeout_seconds * 1000)}ms"
-        servers.query_value(direct, f"ALTER ROLE postgres SET statement_timeout = '{timeout}'")
+        execute(direct, f"ALTER ROLE postgres SET statement_timeout = '{timeout}'")
         seed(direct, 1000)
         _through_pgbouncer(replace(bench, user_ids=user_ids(direct)), direct)
 
@@ -329,7 +331,7 @@ def peak_connections(url: str, interval: float = 0.2) -> Iterator[list[int]]:
     stop = threading.Event()
 
     async def watch() -> None:
-        connection = await asyncpg.connect(servers.plain_url(url))
+        connection = await asyncpg.connect(asyncpg_dsn(url))
         try:
             while not stop.is_set():
                 count = await connection.fetchval(

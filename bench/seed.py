@@ -9,7 +9,7 @@ import asyncio
 
 import asyncpg
 
-from bench.servers import plain_url
+from toolkit.databases import asyncpg_dsn
 
 SEED = """
 INSERT INTO users (email, display_name, create_time, update_time)
@@ -20,7 +20,7 @@ FROM generate_series(1, $1) AS n,
 
 
 async def _seed(url: str, users: int) -> None:
-    connection = await asyncpg.connect(plain_url(url))
+    connection = await asyncpg.connect(asyncpg_dsn(url))
     try:
         await connection.execute(SEED, users)
         await connection.execute("ANALYZE users")

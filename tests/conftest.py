@@ -16,27 +16,28 @@ import os
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
 import pytest
 
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
-from service.embedded import embedded_postgres
-from service.migrations import upgrade_to_head
 from service.server import RunningServer
 from tests.support import (
     PGBOUNCER_MISSING,
     PgBouncer,
     create_database,
     drop_database,
+    migrated,
     pgbouncer_binary,
     run_sql,
     serving,
     serving_through,
-    start_pgbouncer,
+    start_test_pgbouncer,
     wait_until_serving,
 )
+from tests.support.environment import missing
+from toolkit.databases import throwaway_postgres
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -48,12 +49,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 @pytest.fixture(scope="session")
-def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres_server_url() -> Iterator[str]:
     """A URL for a PostgreSQL server the tests may create databases on."""
     if url := os.environ.get("TEST_DATABASE_URL"):
         yield url
         return
-    with embedded_postgres(tmp_path_factory.mktemp("pg") / "data") as url:
+    with throwaway_postgres(prefix="pat-users-tests-") as url:
         yield url
 
 
@@ -73,11 +74,19 @@ def new_database(postgres_server_url: str) -> Iterator[Callable[[], str]]:
 
 
 @pytest.fixture(scope="session")
-def database_url(new_database: Callable[[], str]) -> str:
+def migrated_database(new_database: Callable[[], str]) -> Callable[[], Awaitable[str]]:
+    """A factory of fresh databases migrated to head: `url = await migrated_database()`."""
+
+    async def make() -> str:
+        return await migrated(new_database())
+
+    return make
+
+
+@pytest.fixture(scope="session")
+async def database_url(migrated_database: Callable[[], Awaitable[str]]) -> str:
     """The database the shared test server uses, migrated to head."""
-    url = new_database()
-    upgrade_to_head(url)
-    return url
+    return await migrated_database()
 
 
 @pytest.fixture(scope="session")
@@ -88,12 +97,9 @@ def pgbouncer(
 
     Missing, it fails the tests in CI (.ci/run installs it) and skips them elsewhere.
     """
-    binary = pgbouncer_binary()
-    if binary is None:
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail(PGBOUNCER_MISSING)
-        pytest.skip(PGBOUNCER_MISSING)
-    bouncer = start_pgbouncer(binary, postgres_server_url, tmp_path_factory.mktemp("pgbouncer"))
+    if pgbouncer_binary() is None:
+        missing(PGBOUNCER_MISSING)
+    bouncer = start_test_pgbouncer(postgres_server_url, tmp_path_factory.mktemp("pgbouncer"))
     yield bouncer
     bouncer.stop()
 

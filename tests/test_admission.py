@@ -9,7 +9,7 @@ connection cap hold.
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
@@ -19,7 +19,6 @@ from grpc_health.v1 import health_pb2
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
-from service.migrations import upgrade_to_head
 from service.server import RunningServer
 from tests.support import (
     UNREACHABLE_DATABASE_URL,
@@ -27,6 +26,7 @@ from tests.support import (
     eventually,
     fails,
     health_status,
+    hog_the_loop,
     hold_row_lock,
     service_queries_waiting_for_locks,
     serving,
@@ -37,10 +37,8 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 @pytest.fixture
-async def migrated_url(new_database: Callable[[], str]) -> str:
-    url = new_database()
-    await asyncio.to_thread(upgrade_to_head, url)
-    return url
+async def migrated_url(migrated_database: Callable[[], Awaitable[str]]) -> str:
+    return await migrated_database()
 
 
 def blocked_update(stub: UserServiceStub, user_id: str, name: str) -> "asyncio.Future[object]":
@@ -185,13 +183,6 @@ async def liveness_or_none(running: RunningServer) -> int | None:
         return await health_status(f"127.0.0.1:{running.port}", "liveness")
     except grpc.aio.AioRpcError:
         return None
-
-
-def hog_the_loop(seconds: float) -> None:
-    """CPU-bound work on the event loop the in-process server shares with the test."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        pass
 
 
 async def test_no_call_starts_while_the_event_loop_lags(migrated_url: str) -> None:

@@ -303,10 +303,10 @@ def test_dockerfile_copies_what_the_runtime_needs() -> None:
     copied = " ".join(arguments_of("COPY"))
     for needed in ("service/", "generated/", "alembic/", "alembic.ini", "constraints.txt"):
         assert needed in copied, f"{needed} is not copied"
-    for not_needed in ("tests", "bench", ".venv"):
+    for not_needed in ("tests", "bench", "toolkit", ".venv"):
         assert not_needed not in copied
     ignored = DOCKERIGNORE.read_text().split()
-    for excluded in (".venv/", ".data/", ".git/", "tests/", "bench/"):
+    for excluded in (".venv/", ".data/", ".git/", "tests/", "bench/", "toolkit/"):
         assert excluded in ignored, f".dockerignore does not exclude {excluded}"
 
 

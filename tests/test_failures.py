@@ -9,7 +9,6 @@ from grpc_health.v1 import health_pb2
 
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
-from service.migrations import upgrade_to_head
 from tests.support import (
     UNREACHABLE_DATABASE_URL,
     create_user,
@@ -47,10 +46,9 @@ CANCEL_DEADLINE = 1.0
 
 
 async def test_caller_deadline_cancels_the_database_work(
-    new_database: Callable[[], str],
+    migrated_database: Callable[[], Awaitable[str]],
 ) -> None:
-    url = new_database()
-    await asyncio.to_thread(upgrade_to_head, url)
+    url = await migrated_database()
 
     def waiting_updates() -> Awaitable[int]:
         return service_queries_waiting_for_locks(url, starting_with="UPDATE users")
@@ -77,9 +75,10 @@ async def test_caller_deadline_cancels_the_database_work(
         assert running.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
-async def test_statement_timeout_is_deadline_exceeded(new_database: Callable[[], str]) -> None:
-    url = new_database()
-    await asyncio.to_thread(upgrade_to_head, url)
+async def test_statement_timeout_is_deadline_exceeded(
+    migrated_database: Callable[[], Awaitable[str]],
+) -> None:
+    url = await migrated_database()
     async with (
         serving(url, db_statement_timeout_seconds=0.3) as running,
         user_service(running) as stub,
@@ -94,9 +93,10 @@ async def test_statement_timeout_is_deadline_exceeded(new_database: Callable[[],
         assert_no_internals(failure.message)
 
 
-async def test_exhausted_pool_is_unavailable(new_database: Callable[[], str]) -> None:
-    url = new_database()
-    await asyncio.to_thread(upgrade_to_head, url)
+async def test_exhausted_pool_is_unavailable(
+    migrated_database: Callable[[], Awaitable[str]],
+) -> None:
+    url = await migrated_database()
     settings = {"db_pool_size": 1, "db_max_overflow": 0, "db_pool_timeout_seconds": 0.3}
     async with serving(url, **settings) as running, user_service(running) as stub:
         user = await create_user(stub)
@@ -124,9 +124,10 @@ async def test_exhausted_pool_is_unavailable(new_database: Callable[[], str]) ->
         assert (await blocked).user.display_name == "x"
 
 
-async def test_unexpected_error_is_generic_internal(new_database: Callable[[], str]) -> None:
-    url = new_database()
-    await asyncio.to_thread(upgrade_to_head, url)
+async def test_unexpected_error_is_generic_internal(
+    migrated_database: Callable[[], Awaitable[str]],
+) -> None:
+    url = await migrated_database()
     async with serving(url) as running, user_service(running) as stub:
         user = await create_user(stub, email="private@example.com")
         # Break the schema under the running service: its SELECT now fails in SQL.

@@ -9,9 +9,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.health import USER_SERVICE_NAME
-from service.migrations import upgrade_to_head
 from service.server import RunningServer
-from tests.support import UNREACHABLE_DATABASE_URL, eventually, fails, health_status, serving
+from tests.support import (
+    UNREACHABLE_DATABASE_URL,
+    eventually,
+    fails,
+    health_status,
+    migrated,
+    serving,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -70,7 +76,7 @@ async def test_not_serving_until_migrations_reach_head(new_database: Callable[[]
         await asyncio.sleep(0.5)  # several watcher rounds: still not serving
         assert await health_status(address(running)) == NOT_SERVING
 
-        await asyncio.to_thread(upgrade_to_head, url)
+        await migrated(url)
         async with asyncio.timeout(5):
             assert (await anext(updates)).status == SERVING  # Watch streams the change
         assert await health_status(address(running)) == SERVING

@@ -6,20 +6,19 @@ exactly what CPU-bound work in a handler does to the server.
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from grpc_health.v1 import health_pb2
 
 from pat.users.v1 import user_service_pb2 as pb
-from service.migrations import upgrade_to_head
 from service.server import RunningServer
 from tests.support import (
     asyncpg_dsn,
     create_user,
     eventually,
     health_status,
+    hog_the_loop,
     run_sql,
     serving,
     user_service,
@@ -30,19 +29,11 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest.fixture
-async def running(new_database: Callable[[], str]) -> AsyncIterator[RunningServer]:
-    url = new_database()
-    await asyncio.to_thread(upgrade_to_head, url)
+async def running(migrated_database: Callable[[], Awaitable[str]]) -> AsyncIterator[RunningServer]:
+    url = await migrated_database()
     async with serving(url, health_check_timeout_seconds=0.5) as server:
         await eventually(lambda: health_status(f"127.0.0.1:{server.port}"), SERVING)
         yield server
-
-
-def hog_the_loop(seconds: float) -> None:
-    """CPU-bound work on the event loop, as a handler building a huge reply would do."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        pass
 
 
 async def test_a_stalled_event_loop_is_logged_not_read_as_an_outage(

@@ -3,7 +3,7 @@
 import asyncio
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -13,7 +13,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.db import normalize_url
-from service.migrations import MIGRATION_LOCK_KEY, head_revision, upgrade_to_head
+from service.migrations import MIGRATION_LOCK_KEY, head_revision
 from service.models import Base
 from tests.support import PROJECT_ROOT, asyncpg_dsn, eventually, run_sql, subprocess_env
 
@@ -52,15 +52,15 @@ def alembic(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def test_models_and_migrations_do_not_drift(new_database: Callable[[], str]) -> None:
-    url = new_database()
-    await asyncio.to_thread(upgrade_to_head, url)
+async def test_models_and_migrations_do_not_drift(
+    migrated_database: Callable[[], Awaitable[str]],
+) -> None:
+    url = await migrated_database()
     assert await _schema_differences(url) == []
 
 
-async def test_drift_would_be_detected(new_database: Callable[[], str]) -> None:
-    url = new_database()
-    await asyncio.to_thread(upgrade_to_head, url)
+async def test_drift_would_be_detected(migrated_database: Callable[[], Awaitable[str]]) -> None:
+    url = await migrated_database()
     await run_sql(url, "DROP INDEX ix_users_create_time_id")
     assert await _schema_differences(url) != []
 

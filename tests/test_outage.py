@@ -17,8 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
 from service.health import USER_SERVICE_NAME
-from service.migrations import upgrade_to_head
-from tests.support import create_user, fails, serving, unique_email, user_service
+from tests.support import create_user, fails, migrated, serving, unique_email, user_service
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -48,7 +47,7 @@ async def wait_for_status(health: health_pb2_grpc.HealthStub, wanted: int, limit
 
 async def test_outage_flips_health_and_fails_fast_then_recovers(own_postgres: Any) -> None:
     url = own_postgres.get_uri(driver="asyncpg")
-    await asyncio.to_thread(upgrade_to_head, url)
+    await migrated(url)
     async with (
         serving(url, health_check_interval_seconds=0.5) as running,
         user_service(running) as stub,

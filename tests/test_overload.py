@@ -1,6 +1,6 @@
 """Load and abuse against a real `python -m service`: overload is refused, never an outage.
 
-The floods of bench/floods.py (`make floods`), at a size 2 shared cores bear
+The floods of `make floods` (toolkit/floods), at a size 2 shared cores bear
 in about a minute, against a server whose admission cap (MAX_CONCURRENT_RPCS)
 and pool are made small enough for the floods to hit them. Meanwhile the
 same monitors as the benchmark's watch from outside: Health.Watch on "", the
@@ -25,38 +25,29 @@ full-size floods are `make floods`.
 
 import asyncio
 import functools
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.floods import (
-    OVERLOADED,
-    REFUSED_STREAM,
-    FloodResult,
-    Report,
-    Statuses,
-    bad_masks,
-    format_report,
-    idle_conns,
-    list_flood,
-    never_read,
-    observe,
-    open_fds,
-    seed_users,
-    separate_channel,
-)
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
-from service.migrations import upgrade_to_head
 from tests.support import (
     WORKER_RSS_CEILING_MB,
     ServiceProcess,
     subprocess_env,
     wait_until_serving,
 )
+from toolkit.databases import seed_users
+from toolkit.floods.bad_masks import bad_masks
+from toolkit.floods.calls import FloodResult, separate_channel
+from toolkit.floods.idle_conns import idle_conns
+from toolkit.floods.list_flood import list_flood
+from toolkit.floods.never_read import never_read
+from toolkit.floods.observing import Report, format_report, observe
+from toolkit.floods.statuses import OVERLOADED, REFUSED_STREAM, Statuses
+from toolkit.processes import open_fds, open_file_limit
+from toolkit.service_process import SERVICE_COMMAND
 
 # Small enough for these floods to hit the cap many times over. grpc hands the
 # handlers calls about as fast as the loop finishes them, so a ListUsers flood
@@ -91,18 +82,15 @@ FAILURES_NEVER_ALLOWED = {"CANCELLED", "INTERNAL", "UNKNOWN"}
 
 
 @pytest.fixture(scope="module")
-async def seeded_database(new_database: Callable[[], str]) -> tuple[str, str]:
+async def seeded_database(migrated_database: Callable[[], Awaitable[str]]) -> tuple[str, str]:
     """A migrated database with USERS users, and one user's id."""
-    url = new_database()
-    await asyncio.to_thread(upgrade_to_head, url)
+    url = await migrated_database()
     return url, await seed_users(url, USERS)
 
 
 async def start_service(url: str, command: Iterable[str] = (), **settings: str) -> ServiceProcess:
     env = subprocess_env(DATABASE_URL=url, GRPC_PORT="0", **{**SERVER_SETTINGS, **settings})
-    if command:
-        return await ServiceProcess.start(env, command=(*command, sys.executable, "-m", "service"))
-    return await ServiceProcess.start(env)
+    return await ServiceProcess.start(env, command=(*command, *SERVICE_COMMAND))
 
 
 @pytest.fixture
@@ -140,7 +128,7 @@ async def watched(
         name,
         flood,
         address=child.address,
-        pid=child.process.pid,
+        pid=child.pid,
         user_id=user_id,
         log=child.log,
         params=params,
@@ -276,7 +264,7 @@ async def test_idle_connections_do_not_exhaust_descriptors(
     )
     try:
         await wait_serving(child)
-        assert open_file_limit(child.process.pid) == IDLE_FD_LIMIT
+        assert open_file_limit(child.pid) == IDLE_FD_LIMIT
         report = await watched(
             child,
             user_id,
@@ -284,7 +272,7 @@ async def test_idle_connections_do_not_exhaust_descriptors(
             lambda: idle_conns(
                 child.address,
                 user_id,
-                pid=child.process.pid,
+                pid=child.pid,
                 count=IDLE_CONNECTIONS,
                 hold=IDLE_CLOSED_WITHIN + 10,
             ),
@@ -299,19 +287,11 @@ async def test_idle_connections_do_not_exhaust_descriptors(
         assert still_open == 0, extra
         if extra["idle_lifetime_s"] is not None:
             assert extra["idle_lifetime_s"]["max"] <= IDLE_CLOSED_WITHIN, extra
-        assert open_fds(child.process.pid) < IDLE_FD_LIMIT // 2
+        assert open_fds(child.pid) < IDLE_FD_LIMIT // 2
         await assert_new_clients_served(child.address, user_id)
         assert_no_outage(report)
     finally:
         await stop(child)
-
-
-def open_file_limit(pid: int) -> int:
-    """The process's soft RLIMIT_NOFILE, from /proc/PID/limits."""
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith("Max open files"):
-            return int(line.split()[3])
-    raise AssertionError("no open-file limit in /proc/PID/limits")
 
 
 async def assert_new_clients_served(address: str, user_id: str) -> None:

@@ -11,7 +11,7 @@ import contextlib
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import grpc
@@ -27,7 +27,7 @@ from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
 from service.db import create_engine, normalize_url
-from service.migrations import head_revision, upgrade_to_head
+from service.migrations import head_revision
 from tests.support import (
     PGBOUNCER_POOL_SIZE,
     PROJECT_ROOT,
@@ -52,12 +52,6 @@ from tests.support import (
 NO_STATEMENTS_LEFT = [0] * PGBOUNCER_POOL_SIZE
 
 
-async def migrated(new_database: Callable[[], str]) -> str:
-    url = new_database()
-    await asyncio.to_thread(upgrade_to_head, url)
-    return url
-
-
 def logins(bouncer: PgBouncer, url: str) -> int:
     """How many clients have logged in to PgBouncer for `url`'s database."""
     return bouncer.log.count(f"login attempt: db={make_url(url).database} ")
@@ -71,9 +65,9 @@ USERS = 40
 
 
 async def test_replicas_share_server_connections_and_leave_no_statements_behind(
-    pgbouncer: PgBouncer, new_database: Callable[[], str]
+    pgbouncer: PgBouncer, migrated_database: Callable[[], Awaitable[str]]
 ) -> None:
-    url = await migrated(new_database)
+    url = await migrated_database()
     async with contextlib.AsyncExitStack() as stack:
         replicas = [
             await stack.enter_async_context(serving_through(pgbouncer, url))
@@ -159,9 +153,9 @@ async def test_control_statement_timeout_at_connect_is_refused(
 
 
 async def test_statement_timeout_holds_through_pgbouncer(
-    pgbouncer: PgBouncer, new_database: Callable[[], str]
+    pgbouncer: PgBouncer, migrated_database: Callable[[], Awaitable[str]]
 ) -> None:
-    url = await migrated(new_database)
+    url = await migrated_database()
     async with (
         serving_through(pgbouncer, url, db_statement_timeout_seconds=0.3) as running,
         user_service(running) as stub,
@@ -180,11 +174,11 @@ async def in_log(caplog: pytest.LogCaptureFixture, text: str) -> bool:
 @pytest.mark.parametrize("database_timeout", [None, 60.0], ids=["unset", "over-the-limit"])
 async def test_a_database_that_does_not_bound_statements_is_refused(
     pgbouncer: PgBouncer,
-    new_database: Callable[[], str],
+    migrated_database: Callable[[], Awaitable[str]],
     caplog: pytest.LogCaptureFixture,
     database_timeout: float | None,
 ) -> None:
-    url = await migrated(new_database)
+    url = await migrated_database()
     if database_timeout is not None:
         await set_database_statement_timeout(url, database_timeout)
     async with (

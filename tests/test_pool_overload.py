@@ -10,14 +10,13 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
 
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
-from service.migrations import upgrade_to_head
 from service.server import RunningServer
 from tests.support import (
     create_user,
@@ -36,9 +35,10 @@ WAVE = 100  # calls in flight at once while cancelling
 
 
 @pytest.fixture
-async def small_pool(new_database: Callable[[], str]) -> AsyncIterator[tuple[RunningServer, str]]:
-    url = new_database()
-    await asyncio.to_thread(upgrade_to_head, url)
+async def small_pool(
+    migrated_database: Callable[[], Awaitable[str]],
+) -> AsyncIterator[tuple[RunningServer, str]]:
+    url = await migrated_database()
     settings = {
         "db_pool_size": POOL_SIZE,
         "db_max_overflow": 0,

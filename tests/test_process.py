@@ -1,11 +1,10 @@
 """`python -m service` as operators run it: configuration, embedded PostgreSQL, restarts."""
 
-import asyncio
 import json
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -14,7 +13,6 @@ import pytest
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
-from service.migrations import upgrade_to_head
 from tests.support import (
     PROJECT_ROOT,
     ServiceProcess,
@@ -139,10 +137,9 @@ async def test_stop_signal_during_start_up_stops_embedded_postgres_too(tmp_path:
 
 @pytest.mark.parametrize(("event_loop", "uses_uvloop"), [("uvloop", True), ("asyncio", False)])
 async def test_serves_on_uvloop_by_default_and_on_asyncio_when_asked(
-    new_database: Callable[[], str], event_loop: str, uses_uvloop: bool
+    migrated_database: Callable[[], Awaitable[str]], event_loop: str, uses_uvloop: bool
 ) -> None:
-    url = new_database()
-    await asyncio.to_thread(upgrade_to_head, url)
+    url = await migrated_database()
     env = subprocess_env(DATABASE_URL=url, GRPC_PORT="0", EVENT_LOOP=event_loop)
     child = await ServiceProcess.start(env)
     try:

@@ -4,7 +4,7 @@ import asyncio
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -12,7 +12,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
-from service.migrations import upgrade_to_head
 from tests.support import (
     ServiceProcess,
     create_user,
@@ -26,17 +25,17 @@ from tests.support import (
     wait_until_serving,
 )
 
-# Each holds a connection: 40 leave room on the tests' PostgreSQL (100 connections)
-# for the session-wide test servers, PgBouncer and the change feeds.
+# Each holds a connection: 40 leave room on the tests' PostgreSQL (the embedded
+# one allows 300: service/embedded.py) for the session-wide test servers,
+# PgBouncer and the change feeds.
 IN_FLIGHT = 40
 DRAIN_SECONDS = 2.0
 
 
 async def test_sigterm_drains_finishes_in_flight_rpcs_and_exits_0(
-    new_database: Callable[[], str],
+    migrated_database: Callable[[], Awaitable[str]],
 ) -> None:
-    url = new_database()
-    await asyncio.to_thread(upgrade_to_head, url)
+    url = await migrated_database()
     env = subprocess_env(
         DATABASE_URL=url,
         GRPC_PORT="0",

@@ -11,7 +11,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -26,7 +26,6 @@ from pydantic import ValidationError
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
 from service.config import Settings
-from service.migrations import upgrade_to_head
 from service.server import read_credentials, start
 from service.tls import CertificateFiles, TlsFilesError, add_port
 from tests.certificates import CertificateAuthority, Issued
@@ -382,10 +381,9 @@ async def test_probe_asks_the_health_port_when_tls_is_on(
 
 
 async def test_workers_share_one_health_port_picked_for_them(
-    new_database: Callable[[], str], ca: CertificateAuthority
+    migrated_database: Callable[[], Awaitable[str]], ca: CertificateAuthority
 ) -> None:
-    url = new_database()
-    await asyncio.to_thread(upgrade_to_head, url)
+    url = await migrated_database()
     issued = ca.server()
     env = subprocess_env(
         DATABASE_URL=url,

@@ -5,7 +5,7 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -17,7 +17,6 @@ from google.rpc import error_details_pb2
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
-from service.migrations import upgrade_to_head
 from service.server import RunningServer
 from tests.support import (
     ServiceProcess,
@@ -220,10 +219,9 @@ async def test_a_page_token_is_not_a_resume_token(stub: UserServiceStub) -> None
 
 
 async def test_a_token_older_than_retention_is_out_of_range(
-    new_database: Callable[[], str],
+    migrated_database: Callable[[], Awaitable[str]],
 ) -> None:
-    url = new_database()
-    await asyncio.to_thread(upgrade_to_head, url)
+    url = await migrated_database()
     async with (
         serving(url, change_retention=3600, change_retention_interval_seconds=0.1) as running,
         user_service(running) as stub,
@@ -308,10 +306,9 @@ async def _many_watchers(stubs: list[UserServiceStub], count: int) -> AsyncItera
 
 
 async def test_a_watcher_that_does_not_read_is_cut_off_resumably(
-    new_database: Callable[[], str],
+    migrated_database: Callable[[], Awaitable[str]],
 ) -> None:
-    url = new_database()
-    await asyncio.to_thread(upgrade_to_head, url)
+    url = await migrated_database()
     async with serving(url, watch_buffer_batches=2) as running:
         # No BDP probing: the client's receive window stays at 64 KiB, so the
         # server's writes block soon after the caller stops reading.
@@ -411,10 +408,9 @@ async def test_list_then_watch_converges_to_the_table(
 
 
 async def test_sigterm_ends_open_watches_at_once_resumably(
-    new_database: Callable[[], str],
+    migrated_database: Callable[[], Awaitable[str]],
 ) -> None:
-    url = new_database()
-    await asyncio.to_thread(upgrade_to_head, url)
+    url = await migrated_database()
     env = subprocess_env(
         DATABASE_URL=url,
         GRPC_PORT="0",

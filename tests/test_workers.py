@@ -1,13 +1,12 @@
 """WORKERS=2: `python -m service` as a supervisor of worker processes sharing one port."""
 
-import asyncio
 import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import psutil
 
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
-from service.migrations import upgrade_to_head
 from tests.support import (
     PROJECT_ROOT,
     ServiceProcess,
@@ -41,12 +39,6 @@ def workers_env(**overrides: str) -> dict[str, str]:
         HEALTH_CHECK_INTERVAL_SECONDS="0.2",
         **overrides,
     )
-
-
-async def migrated(new_database: Callable[[], str]) -> str:
-    url = new_database()
-    await asyncio.to_thread(upgrade_to_head, url)
-    return url
 
 
 def worker_pids(service: ServiceProcess) -> list[int]:
@@ -101,9 +93,9 @@ async def fresh_channel(address: str) -> AsyncIterator[grpc.aio.Channel]:
 
 
 async def test_both_workers_serve_and_sigterm_stops_them_all(
-    new_database: Callable[[], str],
+    migrated_database: Callable[[], Awaitable[str]],
 ) -> None:
-    url = await migrated(new_database)
+    url = await migrated_database()
     async with supervisor(workers_env(DATABASE_URL=url)) as service:
         pids = worker_pids(service)
         async with contextlib.AsyncExitStack() as stack:
@@ -131,8 +123,10 @@ async def test_both_workers_serve_and_sigterm_stops_them_all(
     assert "Traceback" not in service.text, service.text
 
 
-async def test_a_killed_worker_takes_the_service_down(new_database: Callable[[], str]) -> None:
-    url = await migrated(new_database)
+async def test_a_killed_worker_takes_the_service_down(
+    migrated_database: Callable[[], Awaitable[str]],
+) -> None:
+    url = await migrated_database()
     async with supervisor(workers_env(DATABASE_URL=url)) as service:
         killed, survivor = worker_pids(service)
         os.kill(killed, signal.SIGKILL)
@@ -143,9 +137,9 @@ async def test_a_killed_worker_takes_the_service_down(new_database: Callable[[],
 
 
 async def test_workers_stop_when_the_supervisor_is_killed(
-    new_database: Callable[[], str],
+    migrated_database: Callable[[], Awaitable[str]],
 ) -> None:
-    url = await migrated(new_database)
+    url = await migrated_database()
     async with supervisor(workers_env(DATABASE_URL=url)) as service:
         pids = worker_pids(service)
         service.process.send_signal(signal.SIGKILL)
