@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import asyncpg
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -28,6 +29,7 @@ from tests.support import (
     health_status,
     hog_the_loop,
     hold_row_lock,
+    run_sql,
     service_queries_waiting_for_locks,
     serving,
     user_service,
@@ -104,20 +106,41 @@ async def test_cancelled_and_timed_out_calls_give_their_slot_back(
 
 
 async def test_one_connection_runs_at_most_max_concurrent_streams_calls(migrated_url: str) -> None:
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]  # channels share one by default
     async with (
         serving(migrated_url, grpc_max_concurrent_streams=2) as running,
         user_service(running) as stub,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}", options=own_connection) as apart,
     ):
-        user = await create_user(stub)
+        user, other = await create_user(stub), await create_user(stub)
         lock = await hold_row_lock(migrated_url, user.id)
+        other_lock = await hold_row_lock(migrated_url, other.id)
         try:
             calls = [blocked_update(stub, user.id, f"n{n}") for n in range(3)]
             await eventually(lambda: service_queries_waiting_for_locks(migrated_url, "UPDATE"), 2)
-            await asyncio.sleep(0.5)  # the third stream waits in the client, not the server
-            assert await service_queries_waiting_for_locks(migrated_url, "UPDATE") == 2
+            # A call made after the third, on a connection of its own, reaches the
+            # server: it takes new calls, and the third waits in the client.
+            later = blocked_update(UserServiceStub(apart), other.id, "later")
+            await eventually(lambda: updates_waiting_behind(migrated_url, other_lock), 1)
+            assert await service_queries_waiting_for_locks(migrated_url, "UPDATE") == 2 + 1
         finally:
-            await lock.close()
+            await asyncio.gather(lock.close(), other_lock.close())
         assert len({(await call).user.etag for call in calls}) == 3  # type: ignore[attr-defined]
+        await later
+
+
+async def updates_waiting_behind(url: str, lock: asyncpg.Connection) -> int:
+    """How many of the service's UPDATEs wait for a lock the connection `lock` holds.
+
+    Only the first waiter for a row: the next ones wait behind that one.
+    """
+    rows = await run_sql(
+        url,
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'pat-users' "
+        "AND starts_with(query, 'UPDATE') AND $1 = ANY(pg_blocking_pids(pid))",
+        lock.get_server_pid(),
+    )
+    return int(rows[0]["n"])
 
 
 async def test_request_over_the_size_cap_is_resource_exhausted(stub: UserServiceStub) -> None:
@@ -136,8 +159,11 @@ async def test_idle_connection_is_closed(migrated_url: str) -> None:
     ):
         await create_user(UserServiceStub(channel))
         assert channel.get_state() == grpc.ChannelConnectivity.READY
-        await asyncio.sleep(1.5)
-        assert channel.get_state() == grpc.ChannelConnectivity.IDLE  # the server sent GOAWAY
+
+        async def state() -> grpc.ChannelConnectivity:
+            return channel.get_state()
+
+        await eventually(state, grpc.ChannelConnectivity.IDLE, within=15)  # the server sent GOAWAY
 
 
 def closed_by_server(connection: socket.socket, within: float) -> bool:
@@ -186,8 +212,9 @@ async def liveness_or_none(running: RunningServer) -> int | None:
 
 
 async def test_no_call_starts_while_the_event_loop_lags(migrated_url: str) -> None:
+    shed_lag = 0.05
     async with (
-        serving(migrated_url, shed_loop_lag_seconds=0.05) as running,
+        serving(migrated_url, shed_loop_lag_seconds=shed_lag) as running,
         user_service(running) as stub,
     ):
         user = await create_user(stub)
@@ -197,5 +224,9 @@ async def test_no_call_starts_while_the_event_loop_lags(migrated_url: str) -> No
         failure = await fails(stub.GetUser(pb.GetUserRequest(id=user.id), timeout=5))
         assert failure.code == grpc.StatusCode.UNAVAILABLE
         assert failure.detail(error_details_pb2.ErrorInfo).reason == "OVERLOADED"
-        await asyncio.sleep(0.5)  # the loop keeps up again
+
+        async def lagging() -> bool:
+            return running.loop_lag.last >= shed_lag  # what admission sheds at
+
+        await eventually(lagging, False, within=15)  # the loop keeps up again
         assert (await stub.GetUser(pb.GetUserRequest(id=user.id), timeout=5)).user.id == user.id

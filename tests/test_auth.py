@@ -218,21 +218,34 @@ async def test_the_file_is_reread_when_it_changes_without_a_restart(
 
     # A broken file is not taken: the callers read before stay, the log says where.
     write_atomically(tokens_file, f"{token_line('writer', 'writer-token')}\nnew sha256:abc\n")
-    await asyncio.sleep(1.2)  # past the once-a-second check
-    await create_user_as(stub, "writer-token")
-    assert await has_logged(caplog, "line 2", "keeping the callers read before")
+    await until_logged_as_calls_go_on(
+        stub, "writer-token", caplog, "line 2", "keeping the callers read before"
+    )
+    await create_user_as(stub, "writer-token")  # still in, after the failed re-read
 
     write_atomically(tokens_file, token_line("newcomer", "new-token") + "\n")
     await wait_until_accepted(stub, "new-token")
     assert_unauthenticated(await fails(get_user(stub, bearer("writer-token"))))
     assert_unauthenticated(await fails(get_user(stub, bearer("reader-token"))))
 
-    await asyncio.to_thread(
-        tokens_file.unlink
-    )  # gone: still the last good callers, and an error logged
-    await asyncio.sleep(1.2)
+    await asyncio.to_thread(tokens_file.unlink)  # gone: an error logged, the last callers stay
+    await until_logged_as_calls_go_on(stub, "new-token", caplog, "cannot read it")
     await create_user_as(stub, "new-token")
-    assert await has_logged(caplog, "cannot read it")
+
+
+async def until_logged_as_calls_go_on(
+    stub: UserServiceStub, token: str, caplog: pytest.LogCaptureFixture, *parts: str
+) -> None:
+    """Call as `token` (each call must get in) until service.auth has logged `parts`.
+
+    The file is re-read on a call, at most once a second.
+    """
+
+    async def call_then_look() -> bool:
+        await create_user_as(stub, token)
+        return await has_logged(caplog, *parts)
+
+    await eventually(call_then_look, True, within=15)
 
 
 async def has_logged(caplog: pytest.LogCaptureFixture, *parts: str) -> bool:

@@ -30,6 +30,7 @@ from tests.support import (
     service_queries_waiting_for_locks,
     unique_email,
 )
+from tests.support.environment import missing
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ async def own_transaction(database_url: str) -> AsyncIterator[asyncpg.Connection
         try:
             await connection.execute("SET LOCAL deadlock_timeout = '10s'")
         except asyncpg.InsufficientPrivilegeError:
-            pytest.skip("setting deadlock_timeout needs a superuser role")
+            missing("setting deadlock_timeout needs a superuser role")
         yield connection
     finally:
         await connection.close()

@@ -31,6 +31,7 @@ from tests.support import (
     WORKER_RSS_CEILING_MB,
     subprocess_env,
 )
+from tests.support.environment import missing
 
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
@@ -142,7 +143,7 @@ def compose_config(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[st
     """`docker compose config` with only `env` for variables (no .env file, no outer secret)."""
     command = compose_command()
     if command is None:
-        pytest.skip("neither docker compose nor docker-compose is installed (.ci/run installs it)")
+        missing("neither docker compose nor docker-compose is installed (.ci/run installs it)")
     no_env_file = tmp_path / "empty.env"
     no_env_file.write_text("")
     outer = {k: v for k, v in subprocess_env().items() if k != "PAGE_TOKEN_SECRET"}

@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pool
+from grpc_health.v1 import health, health_pb2
 
 from pat.users.v1 import user_pb2
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
@@ -46,6 +47,7 @@ VENV_BIN = Path(sys.executable).parent
 SERVICES = {"pat.users.v1.UserService", "grpc.health.v1.Health"}
 TOKEN = "s3cr3t-token-of-the-readme-caller"
 COMMAND_TIMEOUT = 20
+Health = health_pb2.HealthCheckResponse
 
 
 # --- reading the README and docs/ ---------------------------------------------------------
@@ -144,6 +146,7 @@ class Session:
     cwd: Path
     env: dict[str, str]
     prefix: str = ""  # shell lines before each command (the bufcurl alias)
+    health_servicer: health.aio.HealthServicer | None = None  # the server's: its status changes
     values: dict[str, str] = field(default_factory=dict)  # placeholder -> real value
     users: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> as last answered
     first_page: list[str] = field(default_factory=list)
@@ -182,7 +185,7 @@ class Session:
         argv = split(self.substitute(command.text))
         target = _target(argv, self.address)
         if target.endswith("/Watch"):
-            await self._check_watch(command)
+            await self._check_watch(command, _request(argv))
         elif target.endswith("/WatchUsers"):
             await self._check_watch_users(command, _request(argv))
         else:
@@ -282,20 +285,20 @@ class Session:
     def _check_Check(self, target: str, request: dict[str, Any], result: Result) -> None:
         assert result.reply()["status"] == "SERVING"
 
-    async def _check_watch(self, command: Command) -> None:
-        """Watch streams: its first answer is SERVING, and it goes on until stopped."""
+    async def _check_watch(self, command: Command, request: dict[str, Any]) -> None:
+        """Watch streams: its first answer is SERVING, then every change of status until stopped.
+
+        The status changes here as the server's database watcher would change it.
+        """
+        assert self.health_servicer is not None, "a Watch needs the server's health to change"
         process = await self._start(command)
         try:
             assert process.stdout is not None
-            answer = ""
-            async with asyncio.timeout(COMMAND_TIMEOUT):
-                while not answer.endswith("}\n"):
-                    line = (await process.stdout.readline()).decode()
-                    assert line, "Watch ended without an answer"
-                    answer += line
-            assert json.loads(answer) == {"status": "SERVING"}
-            await asyncio.sleep(0.3)
-            assert process.returncode is None, "Watch did not keep streaming"
+            answers = _json_stream(process.stdout)
+            assert await anext(answers) == {"status": "SERVING"}
+            for status in (Health.NOT_SERVING, Health.SERVING):
+                await self.health_servicer.set(request["service"], status)
+                assert await anext(answers) == {"status": Health.ServingStatus.Name(status)}
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGINT)  # Ctrl-C
@@ -442,7 +445,7 @@ async def test_the_readme_grpcurl_commands_work_in_plaintext(
 ) -> None:
     async with serving(database_url) as running:
         address = f"127.0.0.1:{running.port}"
-        session = Session(address, tmp_path, tool_env())
+        session = Session(address, tmp_path, tool_env(), health_servicer=running.health.servicer)
         async with grpc.aio.insecure_channel(address) as channel:
             await wait_until_serving(channel)
             # Ten users older than the README's own: ListUsers has two pages, ID2 is one.

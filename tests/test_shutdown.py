@@ -73,8 +73,8 @@ async def test_sigterm_drains_finishes_in_flight_rpcs_and_exits_0(
                 health_pb2.HealthCheckResponse.NOT_SERVING,
                 within=DRAIN_SECONDS,
             )
-            # After the drain, new calls are refused.
-            await asyncio.sleep(DRAIN_SECONDS + 0.3)
+            # After the drain (its end logged), new calls are refused.
+            await child.reached("refusing new RPCs", timeout=DRAIN_SECONDS + 20)
             async with grpc.aio.insecure_channel(child.address) as late:
                 refused = await fails(
                     UserServiceStub(late).GetUser(pb.GetUserRequest(id=user.id), timeout=2)

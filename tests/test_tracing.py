@@ -29,6 +29,7 @@ from tests.support import (
     fails,
     health_status,
     hold_row_lock,
+    more_health_checks,
     server_settings,
     service_queries_waiting_for_locks,
     subprocess_env,
@@ -166,13 +167,14 @@ async def test_server_errors_mark_the_span_as_an_error(
 
 
 async def test_sql_outside_rpcs_and_health_checks_are_not_traced(
-    traced: RunningServer, exporter: InMemorySpanExporter
+    traced: RunningServer, exporter: InMemorySpanExporter, database_url: str
 ) -> None:
     address = f"127.0.0.1:{traced.port}"
     await eventually(lambda: health_status(address), SERVING)
     # The health watcher queries the database every 0.2 s here (its own SQL,
-    # with no RPC around it); probes call Health/Check.
-    await asyncio.sleep(1)
+    # with no RPC around it): seen to run, its checks had their chance to be
+    # traced. Probes call Health/Check.
+    await more_health_checks(database_url, 3)
     assert await health_status(address) == SERVING
     assert exporter.get_finished_spans() == ()
 
@@ -193,8 +195,11 @@ async def test_watch_users_is_traced_and_still_streams(
             pass
         assert [c.user.id for c in response.changes.changes] == [user.id]
         call.cancel()
-        await asyncio.sleep(0.2)  # the server ends the cancelled call's span
-    assert len(server_spans(exporter, "/pat.users.v1.UserService/WatchUsers")) == 1
+
+        async def watch_spans() -> int:
+            return len(server_spans(exporter, "/pat.users.v1.UserService/WatchUsers"))
+
+        await eventually(watch_spans, 1, within=10)  # the server ends the cancelled call's span
 
 
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):

@@ -138,24 +138,37 @@ async def test_a_create_replayed_by_request_id_is_not_a_second_change(
 async def test_a_transaction_committing_after_a_later_one_is_not_skipped(
     stub: UserServiceStub, database_url: str
 ) -> None:
-    """The race of an identity-only cursor: T1 takes the earlier id, T2 commits first."""
+    """The race of an identity-only cursor: T1 takes the earlier id, T2 commits first.
+
+    T0 began before T1 and commits after T2: once its change arrives, the feed
+    has read with T2 committed, so it had its chance to send T2 too early.
+    """
     async with watching(stub) as watcher:
-        early = await asyncpg.connect(asyncpg_dsn(database_url))
+        t0, t1 = await asyncio.gather(
+            *(asyncpg.connect(asyncpg_dsn(database_url)) for _ in range(2))
+        )
         try:
-            transaction = early.transaction()
-            await transaction.start()
-            slow_email = unique_email("slow")
-            await early.execute(
-                "INSERT INTO users (email, display_name) VALUES ($1, 'slow')", slow_email
+            earlier_email = await insert_uncommitted(t0, "earlier")
+            slow_email = await insert_uncommitted(t1, "slow")
+            fast = await create_user(stub)  # T2: commits while T0 and T1 are still open
+            await t0.execute("COMMIT")
+            await watcher.changes_at_least(1)
+            assert [c.user.email for c in watcher.changes] == [earlier_email], (
+                "nothing is sent past a transaction still open"
             )
-            fast = await create_user(stub)  # commits while T1 is still open
-            await asyncio.sleep(1.5)  # more than the feed's poll interval
-            assert watcher.changes == [], "nothing is sent past a transaction still open"
-            await transaction.commit()
+            await t1.execute("COMMIT")
         finally:
-            await early.close()
-        changes = await watcher.changes_at_least(2)
-        assert [c.user.email for c in changes] == [slow_email, fast.email]
+            await asyncio.gather(t0.close(), t1.close())
+        changes = await watcher.changes_at_least(3)
+        assert [c.user.email for c in changes] == [earlier_email, slow_email, fast.email]
+
+
+async def insert_uncommitted(connection: asyncpg.Connection, name: str) -> str:
+    """BEGIN, then insert a user (so the transaction has its xid now); the user's email."""
+    email = unique_email(name)
+    await connection.execute("BEGIN")
+    await connection.execute("INSERT INTO users (email, display_name) VALUES ($1, $2)", email, name)
+    return email
 
 
 async def test_resuming_from_a_token_loses_nothing(stub: UserServiceStub) -> None:

@@ -15,6 +15,7 @@ from tests.support.databases import (
     UNREACHABLE_DATABASE_URL,
     hold_row_lock,
     migrated,
+    more_health_checks,
     service_queries_waiting_for_locks,
     table_rows,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "hog_the_loop",
     "hold_row_lock",
     "migrated",
+    "more_health_checks",
     "pgbouncer_binary",
     "prepared_statements_per_server_connection",
     "run_sql",
