@@ -86,6 +86,8 @@ def main() -> int:
         settings = Settings()
         if settings.database_url is not None:
             normalize_url(settings.database_url)  # fail before anything starts
+        for replica_url in settings.database_replica_urls:
+            normalize_url(replica_url, "DATABASE_REPLICA_URLS")
     except (DatabaseUrlError, ValidationError) as error:
         return _configuration_error(_one_line(error))
     configure_logging(settings)

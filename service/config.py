@@ -10,10 +10,10 @@ import logging
 import secrets
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,6 +32,20 @@ class Settings(BaseSettings):
     # names a pooler. Unset: DATABASE_URL.
     migration_database_url: str | None = None
     embedded_pg_dir: Path = PROJECT_ROOT / ".data" / "postgres"
+    # Streaming standbys of DATABASE_URL's primary, comma-separated, in
+    # DATABASE_URL's forms (each may name a PgBouncer in front of its standby).
+    # They serve reads that they are up to date enough for (replicas.py and
+    # consistency.py). Unset: every call goes to DATABASE_URL, as before.
+    database_replica_urls: Annotated[list[str], NoDecode] = []
+    # Each standby's pool (its overflow is DB_MAX_OVERFLOW). Unset: DB_POOL_SIZE.
+    db_replica_pool_size: int | None = Field(default=None, ge=1)
+    # A standby serves token-less reads only while it is at most this far
+    # behind the primary: it holds everything the primary held this long ago.
+    replica_max_lag_seconds: float = Field(default=5.0, gt=0)
+    # How often each standby's position (and the primary's) is read, in the
+    # background; reads never wait for it. Also how long a standby that
+    # failed a call stays out before it is checked again.
+    replica_check_interval_seconds: float = Field(default=0.5, gt=0)
 
     grpc_host: str = "[::]"
     # 0 picks a free port; the chosen one is logged.
@@ -165,6 +179,18 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+
+    @property
+    def replica_pool_size(self) -> int:
+        return self.db_replica_pool_size or self.db_pool_size
+
+    @field_validator("database_replica_urls", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """`url,url` as the variable holds it; blanks around and between commas are ignored."""
+        if isinstance(value, str):
+            return [url.strip() for url in value.split(",") if url.strip()]
+        return value
 
     @property
     def rpc_limit(self) -> int:

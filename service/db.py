@@ -53,11 +53,15 @@ def create_engine(
     settings: Settings,
     *,
     pool_size: int | None = None,
+    max_overflow: int = 0,
     application_name: str = "pat-users",
+    primary: bool = True,
 ) -> AsyncEngine:
-    """An engine with the configured pool, or a fixed `pool_size` and no overflow.
+    """An engine with the configured pool, or `pool_size` and `max_overflow`.
 
     `application_name` tells its connections apart in pg_stat_activity.
+    Behind PgBouncer, connections to the primary check its statement_timeout
+    (a standby's follows the primary's: ALTER ROLE and ALTER DATABASE replicate).
     """
     statement_timeout_ms = int(settings.db_statement_timeout_seconds * 1000)
     behind_pgbouncer = settings.db_pooler == "pgbouncer"
@@ -67,7 +71,7 @@ def create_engine(
     engine = create_async_engine(
         url,
         pool_size=pool_size or settings.db_pool_size,
-        max_overflow=0 if pool_size else settings.db_max_overflow,
+        max_overflow=max_overflow if pool_size else settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,
         connect_args={
             "timeout": settings.db_connect_timeout_seconds,
@@ -75,7 +79,7 @@ def create_engine(
             **(_PGBOUNCER_DRIVER_ARGS if behind_pgbouncer else {}),
         },
     )
-    if behind_pgbouncer:
+    if behind_pgbouncer and primary:
         _require_server_statement_timeout(engine, statement_timeout_ms)
     return engine
 
@@ -173,7 +177,7 @@ def _waiters(pool: AsyncAdaptedQueuePool) -> int:
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
+AUTOCOMMIT = {"isolation_level": "AUTOCOMMIT"}
 
 
 async def read(
@@ -190,7 +194,7 @@ async def read(
     cancelled. A read is one statement, which sees one snapshot anyway:
     skipping BEGIN and ROLLBACK saves two of its three round trips.
     """
-    return await _in_one_greenlet(sessions(), _autocommit, work, *args, **kwargs)
+    return await in_one_greenlet(sessions(), autocommit, work, *args, **kwargs)
 
 
 async def write(
@@ -206,18 +210,18 @@ async def write(
     once a row lock is released) is rolled back instead of committing behind
     a DEADLINE_EXCEEDED.
     """
-    return await _in_one_greenlet(sessions(), _transaction, work, *args, **kwargs)
+    return await in_one_greenlet(sessions(), transaction, work, *args, **kwargs)
 
 
-async def _in_one_greenlet(
+async def in_one_greenlet(
     session: AsyncSession,
-    run: Callable[Concatenate[Session, Callable[Concatenate[Session, P], T], P], T],
-    work: Callable[Concatenate[Session, P], T],
+    run: Callable[Concatenate[Session, P], T],
     *args: P.args,
     **kwargs: P.kwargs,
 ) -> T:
+    """`run(sync_session, *args, **kwargs)`, the session's whole life, in one greenlet."""
     try:
-        return await session.run_sync(run, work, *args, **kwargs)
+        return await session.run_sync(run, *args, **kwargs)
     except asyncio.CancelledError:
         # Cancelled mid-statement (the caller's deadline): the connection is
         # busy and must be reset or discarded. That happens in a task of its
@@ -234,7 +238,7 @@ def _log_close_failure(closing: "asyncio.Future[None]") -> None:
         logger.warning("closing a cancelled call's session failed: %r", error)
 
 
-def _autocommit(
+def autocommit(
     session: Session,
     work: Callable[Concatenate[Session, P], T],
     /,
@@ -242,7 +246,7 @@ def _autocommit(
     **kwargs: P.kwargs,
 ) -> T:
     try:
-        session.connection(execution_options=_AUTOCOMMIT)
+        session.connection(execution_options=AUTOCOMMIT)
         result = work(session, *args, **kwargs)
     except Exception:
         session.close()
@@ -251,7 +255,7 @@ def _autocommit(
     return result
 
 
-def _transaction(
+def transaction(
     session: Session,
     work: Callable[Concatenate[Session, P], T],
     /,
@@ -267,3 +271,24 @@ def _transaction(
         raise
     session.close()
     return result
+
+
+class Database:
+    """Where UserService's database work runs: the primary, through the one sessionmaker.
+
+    The servicer says only "read" or "write"; replicas.ReplicatedDatabase
+    routes reads to standbys when DATABASE_REPLICA_URLS names some.
+    """
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self.sessions = sessions
+
+    async def read(
+        self, work: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        return await read(self.sessions, work, *args, **kwargs)
+
+    async def write(
+        self, work: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        return await write(self.sessions, work, *args, **kwargs)

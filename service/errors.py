@@ -308,6 +308,17 @@ def _transaction_conflict(error: Exception) -> TransactionConflict | None:
     return None
 
 
+def is_transaction_conflict(error: Exception) -> bool:
+    """A deadlock or serialization failure, or a standby's recovery conflict (the same codes)."""
+    return _transaction_conflict(error) is not None
+
+
+def is_unavailable(error: Exception) -> bool:
+    """The database cannot be used now: down, unreachable, shutting down, no connection free."""
+    status = _infrastructure_status(error)
+    return status is not None and status[0] == code_pb2.UNAVAILABLE
+
+
 def _infrastructure_status(error: Exception) -> tuple[int, str] | None:
     """The code for database and network failures, or None if it is not one."""
     unavailable = (code_pb2.UNAVAILABLE, "the database is unavailable; retry later")
@@ -354,15 +365,14 @@ def to_rpc_status(error: Exception, method: str) -> status_pb2.Status:
 
 
 async def abort(
-    context: grpc.aio.ServicerContext[Any, Any],
-    error: Exception,
-    method: str,
-    trailing_metadata: tuple[tuple[str, str], ...] = (),
+    context: grpc.aio.ServicerContext[Any, Any], error: Exception, method: str
 ) -> NoReturn:
     """End the RPC with the status `to_rpc_status` gives `error` (raises AbortError).
 
-    `trailing_metadata` (say, the access log's x-request-id) is sent with the
-    status's own: grpc replaces whatever trailers were set before an abort.
+    The trailing metadata set on the call so far (the access log's
+    x-request-id, a consistency token) is sent with the status's own: grpc
+    replaces whatever trailers were set before an abort.
     """
     status = rpc_status.to_status(to_rpc_status(error, method))
-    await context.abort(status.code, status.details, status.trailing_metadata + trailing_metadata)
+    trailers = status.trailing_metadata + tuple(context.trailing_metadata() or ())
+    await context.abort(status.code, status.details, trailers)

@@ -2,9 +2,10 @@
 
 Every UserService call passes, in this order: its request decoded (bytes that
 do not parse become INVALID_ARGUMENT, not grpc's UNKNOWN), authentication and
-the caller's allow-list, admission under the caps (unary calls), the handler,
-and the mapping of whatever escaped it to a status (errors.py); the access
-log writes one line around all of it. Composed here, when the handlers are
+the caller's allow-list, admission under the caps (unary calls), with read
+replicas its consistency token (consistency.py), the handler, and the mapping
+of whatever escaped it to a status (errors.py); the access log writes one
+line around all of it. Composed here, when the handlers are
 registered, instead of as server interceptors: an interceptor chain costs a
 coroutine per call.
 
@@ -27,6 +28,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from service.access_log import AccessLog
 from service.admission import Admission
 from service.auth import ANONYMOUS, Authenticator
+from service.consistency import ReadYourWrites
 from service.errors import ServiceError, Unauthenticated, abort
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in its stubs
@@ -47,11 +49,13 @@ _KINDS = {
 @dataclass(frozen=True)
 class Guards:
     """What every UserService call passes in its one wrapper: authentication,
-    then admission, with the access log around both."""
+    then admission, with the access log around both; with read replicas, the
+    consistency token in and out of unary calls."""
 
     authenticator: Authenticator | None  # None: authentication is off
     admission: Admission
     access_log: AccessLog | None  # None: ACCESS_LOG=false, or INFO not logged
+    read_your_writes: ReadYourWrites | None = None  # None: no DATABASE_REPLICA_URLS
 
 
 class Undecodable:
@@ -181,6 +185,8 @@ def _guarded_handler(handler: Handler, method: str, guards: Guards) -> Handler:
     decoding = deferring_decode_errors(handler.request_deserializer)
     if kind == "unary_unary":
         assert handler.response_serializer is not None
+        if guards.read_your_writes is not None:
+            behavior = guards.read_your_writes.wrap(behavior)
         # The wrapper serializes the answer itself and hands grpc bytes: grpc then
         # holds only those until the caller takes them, not the message object too.
         guarded = _guarded_unary(behavior, handler.response_serializer, method, guards)
@@ -223,7 +229,7 @@ def _guarded_unary(
         except grpc.aio.AbortError:
             raise  # the handler already chose its status
         except Exception as error:
-            await abort(context, error, method, entry.echo if entry is not None else ())
+            await abort(context, error, method)
         finally:
             if entry is not None:
                 entry.write(context, name, caller.name, returned)
@@ -257,7 +263,7 @@ def _guarded_stream(behavior: Behavior, method: str, guards: Guards) -> Behavior
         except grpc.aio.AbortError:
             raise
         except Exception as error:
-            await abort(context, error, method, entry.echo if entry is not None else ())
+            await abort(context, error, method)
         finally:
             if entry is not None:
                 entry.write(context, name, caller.name, returned)

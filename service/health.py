@@ -18,14 +18,13 @@ timeout the pooled connections are still good and are kept.
 
 import asyncio
 import logging
-import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
 
 from grpc_health.v1 import health, health_pb2
 from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.check_loop import CheckLoop
 
 USER_SERVICE_NAME = "pat.users.v1.UserService"
 # Readiness: can this server answer UserService calls now?
@@ -38,28 +37,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-
-class _CheckLoop:
-    """An event loop of its own on a daemon thread, where the checks run."""
-
-    def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="database-health", daemon=True
-        )
-        self._thread.start()
-
-    async def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        """Run `coroutine` there; cancelling the caller cancels it too."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self._loop))
-
-    def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
 
 
 class _Problem:
@@ -94,7 +71,7 @@ class DatabaseHealth:
         self._serving: bool | None = None
         self._connection_lost = False
         self._task: asyncio.Task[None] | None = None
-        self._checks = _CheckLoop()
+        self._checks = CheckLoop("database-health")
 
     async def start(self) -> None:
         """NOT_SERVING until the first check passes, then keep watching."""

@@ -48,6 +48,7 @@ from service.db import PoolStatus, pool_status
 from service.guards import Handler, behavior_of, rebuilt
 from service.health import SERVING, DatabaseHealth
 from service.loop_lag import LoopLag
+from service.replicas import ReplicaSet
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,31 @@ class Metrics:
             "pat_users.health.serving",
             [_health_statuses(health)],
             description="1 if the health service answers SERVING for this name, else 0",
+        )
+
+    def observe_replicas(self, replicas: ReplicaSet) -> None:
+        """DATABASE_REPLICA_URLS' standbys: up, lag, and reads served by each and the primary."""
+        meter = self.provider.get_meter("pat-users")
+        meter.create_observable_gauge(
+            "pat_users.replica.up",
+            [lambda _: [Observation(int(r.up), {"replica": r.name}) for r in replicas.replicas]],
+            description="1 while the standby answers its checks in recovery (and no read failed)",
+        )
+        meter.create_observable_gauge(
+            "pat_users.replica.lag",
+            [
+                lambda _: [
+                    Observation(r.lag_seconds, {"replica": r.name}) for r in replicas.replicas
+                ]
+            ],
+            unit="s",
+            description="How long ago the primary last held no more than the standby has replayed",
+        )
+        meter.create_observable_counter(
+            "pat_users.db.reads",
+            [lambda _: [Observation(n, {"target": t}) for t, n in list(replicas.reads.items())]],
+            unit="{read}",
+            description="Reads served, by the primary or by each standby",
         )
 
     async def stop(self) -> None:

@@ -28,13 +28,15 @@ from service.change_feed import ChangeFeed, FeedSettings
 from service.change_messages import ChangeMessages
 from service.channel_options import health_server_options, server_options
 from service.config import Settings
-from service.db import create_engine, create_sessions, normalize_url
+from service.consistency import ConsistencyTokens, ReadYourWrites
+from service.db import Database, create_engine, create_sessions, normalize_url
 from service.guards import Guards, add_guarded, add_reflection
 from service.health import DatabaseHealth
 from service.loop_lag import LoopLag
 from service.memory import trim_forever
 from service.migrations import head_revision, migration_database_url
 from service.page_tokens import PageTokens
+from service.replicas import ReplicaSet, ReplicatedDatabase
 from service.resume_tokens import ResumeTokens
 from service.retention import expire_forever
 from service.servicer import UserService
@@ -95,6 +97,7 @@ class RunningServer:
     # HEALTH_PORT's plaintext server, carrying grpc.health.v1 alone.
     health_server: grpc.aio.Server | None = None
     health_port: int | None = None
+    replicas: ReplicaSet | None = None  # DATABASE_REPLICA_URLS' standbys
 
     async def stop(self, *, drain_seconds: float, grace_seconds: float) -> None:
         """Graceful stop: NOT_SERVING → drain → refuse new RPCs → finish in-flight ones."""
@@ -109,6 +112,8 @@ class RunningServer:
         if self.health_server is not None:  # probes saw NOT_SERVING until now
             await self.health_server.stop(0)
         await self.engine.dispose()
+        if self.replicas is not None:
+            await self.replicas.stop()
         await self.loop_lag.stop()
         if self.metrics is not None:
             await self.metrics.stop()
@@ -148,20 +153,21 @@ async def start(
         loop_lag,
         settings.shed_loop_lag_seconds,
     )
-    metrics = _start_metrics(settings, engine, admission, loop_lag, health)
+    sessions = create_sessions(engine)
+    token_secret = settings.page_token_secret.get_secret_value().encode()
+    database, replicas, read_your_writes = _database(settings, url, sessions, token_secret)
+    metrics = _start_metrics(settings, engine, admission, loop_lag, health, replicas)
     tracing = _start_tracing(settings, span_exporter)
     server = grpc.aio.server(
         options=server_options(settings),
         interceptors=_interceptors(tracing, metrics),
     )
-    sessions = create_sessions(engine)
-    token_secret = settings.page_token_secret.get_secret_value().encode()
     resume_tokens = ResumeTokens(token_secret)
     messages = ChangeMessages(resume_tokens)
     feed = _change_feed(settings, url, sessions, messages)
-    servicer = UserService(sessions, PageTokens(token_secret), resume_tokens, feed, messages)
+    servicer = UserService(database, PageTokens(token_secret), resume_tokens, feed, messages)
     access_log = new_access_log(settings.access_log, settings.log_format)
-    guards = Guards(credentials.authenticator, admission, access_log)
+    guards = Guards(credentials.authenticator, admission, access_log, read_your_writes)
     add_guarded(user_service_pb2_grpc.add_UserServiceServicer_to_server, servicer, server, guards)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     add_reflection(server, settings.reflection, SERVICE_NAMES, credentials.authenticator)
@@ -169,6 +175,8 @@ async def start(
     loop_lag.start()
     await health.start()
     feed.start()
+    if replicas is not None:
+        replicas.start()
     await server.start()
     health_server, health_port = await _start_health_port(settings, health)
     logger.info(
@@ -184,6 +192,7 @@ async def start(
     return RunningServer(
         server, port, health, engine, admission, loop_lag, feed, background,
         metrics=metrics, tracing=tracing, health_server=health_server, health_port=health_port,
+        replicas=replicas,
     )  # fmt: skip
 
 
@@ -204,6 +213,17 @@ async def _start_health_port(
     await server.start()
     logger.info("health (plaintext, grpc.health.v1 only) on port %d", port)
     return server, port
+
+
+def _database(
+    settings: Settings, url: URL, sessions: async_sessionmaker[AsyncSession], secret: bytes
+) -> tuple[Database, ReplicaSet | None, ReadYourWrites | None]:
+    """The primary alone; or, with DATABASE_REPLICA_URLS, reads routed and tokens issued."""
+    if not settings.database_replica_urls:
+        return Database(sessions), None, None
+    replicas = ReplicaSet(settings, url)
+    database = ReplicatedDatabase(sessions, replicas)
+    return database, replicas, ReadYourWrites(ConsistencyTokens(secret))
 
 
 def _change_feed(
@@ -231,6 +251,7 @@ def _start_metrics(
     admission: Admission,
     loop_lag: LoopLag,
     health: DatabaseHealth,
+    replicas: ReplicaSet | None,
 ) -> Metrics | None:
     """METRICS_PORT's endpoint and what it exports."""
     if settings.metrics_port is None:
@@ -239,6 +260,8 @@ def _start_metrics(
 
     metrics = Metrics(settings.grpc_host, settings.metrics_port)
     metrics.observe(engine, admission, loop_lag, health)
+    if replicas is not None:
+        metrics.observe_replicas(replicas)
     return metrics
 
 

@@ -1,8 +1,9 @@
 """UserService: validate → session → users.* → to_proto → response.
 
 Each RPC opens its own AsyncSession from the shared sessionmaker and runs its
-whole database work in it, in one greenlet: `db.read` in autocommit, `db.write`
-in a transaction.
+whole database work in it, in one greenlet: `Database.read` in autocommit (on
+a standby when one is up to date enough: replicas.py), `Database.write` in a
+transaction on the primary.
 Errors are raised, never turned into statuses here: errors.py does that.
 """
 
@@ -11,14 +12,14 @@ from typing import Any
 from uuid import UUID
 
 import grpc
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1 import user_service_pb2_grpc
-from service import db, users
+from service import users
 from service.change_feed import ChangeFeed
 from service.change_messages import ChangeMessages
 from service.convert import to_proto
+from service.db import Database
 from service.errors import FieldViolation, InvalidArgument
 from service.outbox import Position
 from service.page_tokens import InvalidPageToken, PageTokens
@@ -36,13 +37,13 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class UserService(user_service_pb2_grpc.UserServiceServicer):
     def __init__(
         self,
-        sessions: async_sessionmaker[AsyncSession],
+        database: Database,
         page_tokens: PageTokens,
         resume_tokens: ResumeTokens,
         feed: ChangeFeed,
         messages: ChangeMessages,
     ) -> None:
-        self._sessions = sessions
+        self._database = database
         self._page_tokens = page_tokens
         self._resume_tokens = resume_tokens
         self._feed = feed
@@ -56,8 +57,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         display_name = check.display_name("user.display_name", request.user.display_name)
         request_id = check.optional_id("request_id", request.request_id)
         check.raise_if_any()
-        user = await db.write(
-            self._sessions,
+        user = await self._database.write(
             users.create,
             email=email,
             display_name=display_name,
@@ -69,7 +69,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         check = Violations()
         user_id = check.id("id", request.id)
         check.raise_if_any()
-        user = await db.read(self._sessions, users.get, user_id)
+        user = await self._database.read(users.get, user_id)
         return pb.GetUserResponse(user=to_proto(user))
 
     async def BatchGetUsers(
@@ -82,7 +82,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         else:
             user_ids = [check.id(f"ids[{i}]", value) for i, value in enumerate(request.ids)]
         check.raise_if_any()
-        found = await db.read(self._sessions, users.batch_get, user_ids)
+        found = await self._database.read(users.batch_get, user_ids)
         return pb.BatchGetUsersResponse(users=[to_proto(user) for user in found])
 
     async def LookupUser(
@@ -91,7 +91,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         check = Violations()
         email = check.email("email", request.email)
         check.raise_if_any()
-        user = await db.read(self._sessions, users.lookup, email)
+        user = await self._database.read(users.lookup, email)
         return pb.LookupUserResponse(user=to_proto(user))
 
     async def ListUsers(
@@ -110,8 +110,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
                 check.add("page_token", str(error))
         check.raise_if_any()
         limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        page, next_cursor = await db.read(
-            self._sessions,
+        page, next_cursor = await self._database.read(
             users.list_page,
             after=after,
             limit=limit,
@@ -134,8 +133,8 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         version = check.etag("user.etag", request.user.etag)
         fields = check.updated_fields(request.user, request.update_mask.paths)
         check.raise_if_any()
-        user = await db.write(
-            self._sessions, users.update_fields, user_id, fields, expected_version=version
+        user = await self._database.write(
+            users.update_fields, user_id, fields, expected_version=version
         )
         return pb.UpdateUserResponse(user=to_proto(user))
 
@@ -143,14 +142,14 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         self, request: pb.DeleteUserRequest, context: Context
     ) -> pb.DeleteUserResponse:
         user_id, version = _id_and_etag(request)
-        user = await db.write(self._sessions, users.delete, user_id, expected_version=version)
+        user = await self._database.write(users.delete, user_id, expected_version=version)
         return pb.DeleteUserResponse(user=to_proto(user))
 
     async def UndeleteUser(
         self, request: pb.UndeleteUserRequest, context: Context
     ) -> pb.UndeleteUserResponse:
         user_id, version = _id_and_etag(request)
-        user = await db.write(self._sessions, users.undelete, user_id, expected_version=version)
+        user = await self._database.write(users.undelete, user_id, expected_version=version)
         return pb.UndeleteUserResponse(user=to_proto(user))
 
     async def WatchUsers(
@@ -158,7 +157,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
     ) -> AsyncIterator[pb.WatchUsersResponse]:
         after = self._resume_position(request.resume_token)
         async with self._feed.subscribe(after) as subscription:
-            async for response in Watch(subscription, self._sessions, self._messages):
+            async for response in Watch(subscription, self._database.sessions, self._messages):
                 yield response
 
     def _resume_position(self, token: str) -> Position | None:
