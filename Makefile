@@ -31,16 +31,19 @@ run: $(INSTALLED)
 	WORKERS=$${WORKERS:-$$(nproc 2>/dev/null || echo 1)} $(BIN)/python -m service
 
 # The tests of the API contract (those on the shared test server), which
-# `make test` runs a second time through a real PgBouncer in transaction mode.
+# `make test` runs again through a real PgBouncer in transaction mode, and
+# again with a streaming standby serving the shared server's reads.
 CONTRACT_TESTS := tests/test_create_get_lookup.py tests/test_list_users.py \
 	tests/test_update_delete.py tests/test_hostile_input.py tests/test_bounded_errors.py \
 	tests/test_deadlock.py tests/test_fuzz.py tests/test_watch.py
 
 ## Lint everything, then run the tests against real PostgreSQL, and the
-## contract's tests again through PgBouncer (DB_POOLER=pgbouncer).
+## contract's tests again through PgBouncer (DB_POOLER=pgbouncer), and again
+## with a streaming standby serving reads (DATABASE_REPLICA_URLS).
 test: lint
 	$(BIN)/pytest
 	$(BIN)/pytest --via-pgbouncer $(CONTRACT_TESTS)
+	$(BIN)/pytest --via-replica $(CONTRACT_TESTS)
 
 ## Fuzz every RPC for minutes (`make test` runs a bounded fuzz); -rA prints what it reached.
 fuzz: $(INSTALLED)

@@ -6,7 +6,10 @@ With TEST_DATABASE_URL set, the tests create their databases on that server
 
 `pytest --via-pgbouncer` serves the shared test server through a real
 PgBouncer in transaction mode (DB_POOLER=pgbouncer); migrations and the tests'
-own SQL still go direct. `make test` runs the contract's tests so a second time.
+own SQL still go direct. `pytest --via-replica` gives it a streaming standby
+of the test PostgreSQL (DATABASE_REPLICA_URLS), and its callers carry
+consistency tokens with the README's interceptor. `make test` runs the
+contract's tests each way, after the whole suite.
 """
 
 import os
@@ -15,12 +18,14 @@ import os
 # run; gRPC's fork handlers then crash the child. We never fork to use gRPC.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
 import pytest
 
+import tests.support
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
 from service.server import RunningServer
 from tests.support import (
@@ -28,6 +33,7 @@ from tests.support import (
     PgBouncer,
     create_database,
     drop_database,
+    eventually,
     migrated,
     pgbouncer_binary,
     run_sql,
@@ -37,7 +43,9 @@ from tests.support import (
     wait_until_serving,
 )
 from tests.support.environment import missing
+from tests.support.replicas import readme_interceptor, replayed
 from toolkit.databases import throwaway_postgres
+from toolkit.standby import Standby
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -45,6 +53,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--via-pgbouncer",
         action="store_true",
         help="serve the shared test server through PgBouncer (DB_POOLER=pgbouncer)",
+    )
+    parser.addoption(
+        "--via-replica",
+        action="store_true",
+        help="give the shared test server a streaming standby (DATABASE_REPLICA_URLS)",
     )
 
 
@@ -105,20 +118,46 @@ def pgbouncer(
 
 
 @pytest.fixture(scope="session")
+def standby(postgres_server_url: str) -> Iterator[Standby]:
+    """A streaming standby of the test PostgreSQL (an embedded one: pg_basebackup runs here)."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        missing("--via-replica makes a standby of the embedded PostgreSQL: unset TEST_DATABASE_URL")
+    replica = Standby(postgres_server_url, f"standby-{uuid.uuid4().hex[:8]}")
+    yield replica
+    replica.remove()
+
+
+@pytest.fixture(scope="session")
 async def server(database_url: str, request: pytest.FixtureRequest) -> AsyncIterator[RunningServer]:
     if request.config.getoption("--via-pgbouncer"):
         bouncer = request.getfixturevalue("pgbouncer")
         async with serving_through(bouncer, database_url) as running:
             yield running
         return
+    if request.config.getoption("--via-replica"):
+        replica = request.getfixturevalue("standby").url_for(database_url)
+        async with serving(database_url, database_replica_urls=[replica]) as running:
+            yield running
+            assert running.replicas is not None
+            served = running.replicas.reads["replica-1"]
+            assert served > 0, "the standby served no read: the run proved nothing about it"
+        return
     async with serving(database_url) as running:
         yield running
 
 
 @pytest.fixture(scope="session")
-async def channel(server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+async def channel(
+    server: RunningServer, request: pytest.FixtureRequest
+) -> AsyncIterator[grpc.aio.Channel]:
+    via_replica = request.config.getoption("--via-replica")
+    interceptors = [readme_interceptor()()] if via_replica else None
+    address = f"127.0.0.1:{server.port}"
+    async with grpc.aio.insecure_channel(address, interceptors=interceptors) as channel:
         await wait_until_serving(channel)
+        if server.replicas is not None:  # the contract runs with the standby in use
+            for replica in server.replicas.replicas:
+                await eventually(lambda r=replica: asyncio.sleep(0, r.state), "serving", 15)
         yield channel
 
 
@@ -133,3 +172,24 @@ async def empty_users_table(request: pytest.FixtureRequest) -> None:
     if "database_url" in request.fixturenames:
         url = request.getfixturevalue("database_url")
         await run_sql(url, "TRUNCATE users")
+        if request.config.getoption("--via-replica"):
+            await follow_direct_writes(request)
+
+
+async def follow_direct_writes(request: pytest.FixtureRequest) -> None:
+    """With a standby, a test's own SQL waits until the standby has replayed it.
+
+    The service's answers carry consistency tokens; a test's direct SQL does
+    not, so a read routed to the standby could miss it. The waiting stands
+    in for the token a caller would have carried.
+    """
+    standby = request.getfixturevalue("standby")
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    await replayed(standby)
+
+    async def run_sql_then_replay(url: str, sql: str, *args: object) -> list[object]:
+        rows = await run_sql(url, sql, *args)
+        await replayed(standby)
+        return rows
+
+    monkeypatch.setattr(tests.support, "run_sql", run_sql_then_replay)

@@ -457,7 +457,7 @@ def test_service_exposes_the_grpc_port() -> None:
 
 
 def test_k8s_manifests_have_no_http_health_check() -> None:
-    for path in K8S_DIR.iterdir():
+    for path in (p for p in K8S_DIR.rglob("*") if p.is_file()):
         text = path.read_text()
         assert "httpGet" not in text, path.name
         assert "/health" not in text, path.name
@@ -468,3 +468,28 @@ def test_kustomization_applies_the_manifests_but_not_the_example_secret() -> Non
     assert {"deployment.yaml", "service.yaml"} <= set(resources)
     assert all((K8S_DIR / name).is_file() for name in resources)
     assert not any("example" in name for name in resources)
+
+
+OVERLAY_DIR = K8S_DIR / "overlays" / "read-replicas"
+
+
+def test_the_read_replicas_overlay_adds_the_standbys_to_the_base_container() -> None:
+    (kustomization,) = yaml.safe_load_all((OVERLAY_DIR / "kustomization.yaml").read_text())
+    assert (OVERLAY_DIR / kustomization["resources"][0]).resolve() == K8S_DIR.resolve()
+    ((patch_file,),) = [[p["path"]] for p in kustomization["patches"]]
+    (patch,) = yaml.safe_load_all((OVERLAY_DIR / patch_file).read_text())
+    # A strategic merge patch: the base's Deployment and container, by name.
+    assert (patch["kind"], patch["metadata"]["name"]) == (
+        "Deployment",
+        one("Deployment")["metadata"]["name"],
+    )
+    (patched,) = patch["spec"]["template"]["spec"]["containers"]
+    assert patched["name"] == container()["name"]
+    env = {e["name"]: e for e in patched["env"]}
+    assert env["DATABASE_REPLICA_URLS"]["valueFrom"]["secretKeyRef"] == {
+        "name": "pat-users",
+        "key": "DATABASE_REPLICA_URLS",
+    }
+    assert {name.lower() for name in env} <= set(Settings.model_fields)
+    example = one("Secret")
+    assert "DATABASE_REPLICA_URLS" in example["stringData"]

@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+from service.config import Settings
 from tests.support import PROJECT_ROOT
 
 README = PROJECT_ROOT / "README.md"
@@ -42,3 +43,11 @@ def test_the_readme_links_every_docs_page() -> None:
     linked = {(PROJECT_ROOT / t.partition("#")[0]).resolve() for t in relative_links(README)}
     unlinked = [str(page.relative_to(PROJECT_ROOT)) for page in pages()[1:] if page not in linked]
     assert not unlinked, f"README's Documentation section misses {unlinked}"
+
+
+def test_the_configuration_page_lists_every_setting() -> None:
+    table = (PROJECT_ROOT / "docs" / "configuration.md").read_text()
+    listed = set(re.findall(r"^\| `([A-Z0-9_]+)` \|", table, re.MULTILINE))
+    assert "DATABASE_URL" in listed  # the table was read
+    missing = sorted(name.upper() for name in Settings.model_fields if name.upper() not in listed)
+    assert not missing, f"docs/configuration.md does not list {missing}"

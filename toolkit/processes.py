@@ -63,6 +63,19 @@ def cpu_seconds(pid: int) -> float:
     return float(times.user + times.system)
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time `pid` and its descendants have used so far (a PostgreSQL
+    server: the postmaster and its backends)."""
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            times = member.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def open_fds(pid: int) -> int:
     """The most file descriptors one process of `pid`'s tree holds.
 
