@@ -10,6 +10,9 @@ measures, printing one row per run (rps, p50, p99, errors):
   alike: checked before anything is measured), each RPC on both back to back;
   Health/Check on the service; ListUsers page 1 and page 2,000 (page_size 50);
 - GetUser on 1 and on 2 workers (WORKERS=2);
+- read replicas: GetUser with 0, 1 and 2 streaming standbys and the primary's
+  CPU per call; GetUser with a consistency token; CreateUser returning one
+  (bench/replicas.py);
 - WatchUsers: CreateUser with and without the outbox, and change-to-watcher
   latency with 10 watchers (bench/watch.py);
 - the RSS of a fresh worker over 200,000 GetUser calls (--skip-rss);
@@ -36,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import identity, load, sections, servers, session_cost, watch
+from bench import identity, load, replicas, sections, servers, session_cost, watch
 from bench.baseline import event_loop_runner
 from bench.load import Shape, have_h2load
 from bench.report import Report, Target, print_targets, ratio
@@ -44,7 +47,7 @@ from bench.seed import seed
 from toolkit.databases import migrate_to_head
 
 PAIR_SECTIONS = ("list", "get", "lookup", "health", "create", "update")
-MAIN_DATABASE_SECTIONS = (*PAIR_SECTIONS, "session", "workers", "watch", "rss")
+MAIN_DATABASE_SECTIONS = (*PAIR_SECTIONS, "session", "workers", "watch", "replicas", "rss")
 SECTIONS = (*MAIN_DATABASE_SECTIONS, "pgbouncer")
 SERVICE, BASELINE = "service", "baseline"
 
@@ -131,6 +134,9 @@ def _on_main_database(bench: sections.Bench, url: str, args: argparse.Namespace)
     if "watch" in args.names:
         with bench.report.timed("watch"):
             watch.watch(bench, url)
+    if "replicas" in args.names:
+        with bench.report.timed("replicas"):
+            replicas.replicas(bench, url)
     if "rss" in args.names:
         with bench.report.timed("rss"):
             sections.rss(bench, url, args.rss_requests)

@@ -22,7 +22,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,9 @@ import grpc
 
 from bench import h2grpc
 from toolkit.processes import cpu_seconds
+
+# Request metadata: (key, value) pairs.
+Headers = Sequence[tuple[str, str]]
 
 
 @dataclass
@@ -63,6 +66,8 @@ class Run:
     note: str = ""
     # CPU the server process spent per call during the measured run (where measured).
     server_cpu_us: float | None = None
+    # CPU the primary PostgreSQL spent per call (the replicas section).
+    primary_cpu_us: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,27 +81,37 @@ def have_h2load() -> bool:
     return read_client == "h2load"
 
 
-def call_raw(address: str, path: str, body: bytes, timeout: float = 10) -> bytes:
-    """One unary call with a serialised request; the serialised response."""
+def call_raw(
+    address: str, path: str, body: bytes, timeout: float = 10, headers: Headers = ()
+) -> bytes:
+    """One unary call with a serialised request (and `headers` as metadata); the response."""
     with grpc.insecure_channel(address) as channel:
         call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
-        return bytes(call(body, timeout=timeout))
+        return bytes(call(body, timeout=timeout, metadata=headers or None))
 
 
 def fixed_body_run(
-    address: str, path: str, body: bytes, shape: Shape, server_pid: int | None = None
+    address: str,
+    path: str,
+    body: bytes,
+    shape: Shape,
+    server_pid: int | None = None,
+    headers: Headers = (),
 ) -> Run:
-    """Load with one request body, repeated: h2load, or bench.h2grpc without it.
+    """Load with one request body (and `headers`), repeated: h2load, or bench.h2grpc without it.
 
     With `server_pid` (h2load only), the run also notes that process's CPU per call.
     """
-    expected = call_raw(address, path, body)
+    expected = call_raw(address, path, body, headers=headers)
     if have_h2load():
         warmup = None
         if shape.warmup > 0:
-            warmup = _h2load(address, path, body, expected, shape, ["-D", _duration(shape.warmup)])
+            warming = ["-D", _duration(shape.warmup)]
+            warmup = _h2load(address, path, body, expected, shape, warming, headers)
         cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
-        run = _h2load(address, path, body, expected, shape, ["-D", _duration(shape.seconds)])
+        run = _h2load(
+            address, path, body, expected, shape, ["-D", _duration(shape.seconds)], headers
+        )
         if server_pid and run.calls:
             run.server_cpu_us = (cpu_seconds(server_pid) - cpu_before) * 1e6 / run.calls
             run.note = _join(run.note, f"server CPU {run.server_cpu_us:.0f} µs/call")
@@ -104,6 +119,7 @@ def fixed_body_run(
             run.errors += warmup.errors
             run.note = _join(run.note, f"{warmup.errors} of them during the warm-up")
     else:
+        assert not headers, "headers need h2load"
         run = varying_body_run(address, path, lambda n: body, shape)
     _verify_after(run, address, path, body, expected)
     return run
@@ -174,7 +190,13 @@ def _join(*notes: str) -> str:
 
 
 def _h2load(
-    address: str, path: str, body: bytes, expected: bytes, shape: Shape, length: list[str]
+    address: str,
+    path: str,
+    body: bytes,
+    expected: bytes,
+    shape: Shape,
+    length: list[str],
+    headers: Headers = (),
 ) -> Run:
     with tempfile.TemporaryDirectory(prefix="pat-users-h2load-") as folder:
         data, log = Path(folder) / "request", Path(folder) / "log"
@@ -186,6 +208,7 @@ def _h2load(
             f"--max-concurrent-streams={shape.streams}",
             "--header=content-type: application/grpc",
             "--header=te: trailers",
+            *(f"--header={key}: {value}" for key, value in headers),
             f"--data={data}",
             f"--log-file={log}",
             f"http://{address}{path}",
