@@ -63,6 +63,8 @@ class DatabaseHealth:
         self.servicer = health.aio.HealthServicer()
         # What the servicer answers for each name, kept here to be read (metrics.py).
         self.statuses: dict[str, int] = {}
+        # How many checks the watcher has acted on: what shows it is alive.
+        self.checks_done = 0
         self._engine = engine
         self._app_engine = app_engine
         self._head_revision = head_revision
@@ -99,6 +101,12 @@ class DatabaseHealth:
 
     async def _check_once(self) -> None:
         problem = await self._checks.run(self._problem())
+        try:
+            await self._act_on(problem)
+        finally:
+            self.checks_done += 1
+
+    async def _act_on(self, problem: _Problem | None) -> None:
         if problem is not None and problem.connection_lost:
             self._connection_lost = True
         serving = problem is None

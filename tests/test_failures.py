@@ -116,7 +116,7 @@ async def test_exhausted_pool_is_unavailable(
             assert_no_internals(failure.message)
             # A busy pool is load, not an outage: health keeps saying SERVING,
             # after checks seen to run while the pool is busy.
-            await more_health_checks(url, 3)
+            await more_health_checks(running, 3)
             assert (
                 await health_status(f"127.0.0.1:{running.port}")
                 == health_pb2.HealthCheckResponse.SERVING

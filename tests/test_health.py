@@ -74,7 +74,7 @@ async def test_not_serving_until_migrations_reach_head(new_database: Callable[[]
         watch = health.Watch(health_pb2.HealthCheckRequest(service=USER_SERVICE_NAME))
         updates = aiter(watch)
         assert (await anext(updates)).status == NOT_SERVING
-        await more_health_checks(url, 3)  # watcher rounds seen to run: still not serving
+        await more_health_checks(running, 3)  # watcher rounds seen to run: still not serving
         assert await health_status(address(running)) == NOT_SERVING
 
         await migrated(url)

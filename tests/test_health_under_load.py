@@ -47,7 +47,7 @@ async def test_a_stalled_event_loop_is_logged_not_read_as_an_outage(
         hog_the_loop(0.6)
         await asyncio.sleep(0)
     # The watcher acts on the checks it ran meanwhile, then runs more.
-    await more_health_checks(running.engine.url.render_as_string(hide_password=False), 3)
+    await more_health_checks(running, 3)
     assert await health_status(f"127.0.0.1:{running.port}") == SERVING
     messages = [record.getMessage() for record in caplog.records]
     assert not [m for m in messages if "NOT_SERVING" in m or "pool renewed" in m]

@@ -174,7 +174,7 @@ async def test_sql_outside_rpcs_and_health_checks_are_not_traced(
     # The health watcher queries the database every 0.2 s here (its own SQL,
     # with no RPC around it): seen to run, its checks had their chance to be
     # traced. Probes call Health/Check.
-    await more_health_checks(database_url, 3)
+    await more_health_checks(traced, 3)
     assert await health_status(address) == SERVING
     assert exporter.get_finished_spans() == ()
 

@@ -15,7 +15,6 @@ from tests.support.databases import (
     UNREACHABLE_DATABASE_URL,
     hold_row_lock,
     migrated,
-    more_health_checks,
     service_queries_waiting_for_locks,
     table_rows,
 )
@@ -31,6 +30,7 @@ from tests.support.servers import (
     TEST_PAGE_TOKEN_SECRET,
     WORKER_RSS_CEILING_MB,
     health_status,
+    more_health_checks,
     server_settings,
     serving,
     user_service,

@@ -2,12 +2,10 @@
 
 import asyncio
 import uuid
-from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from tests.support.timing import eventually
 from toolkit.databases import asyncpg_dsn, migrate_to_head, run_sql
 
 # Nothing listens on the discard port: connecting is refused at once.
@@ -50,36 +48,3 @@ async def service_queries_waiting_for_locks(url: str, starting_with: str = "") -
         starting_with,
     )
     return int(rows[0]["n"])
-
-
-async def more_health_checks(url: str, count: int = 3, within: float = 15.0) -> None:
-    """Until every health watcher on `url`'s database has ended `count` more checks.
-
-    What a test asserts a check did not do (flip health, leave a span) is
-    only shown once checks have run: this sees them run. A watcher's
-    connection (application_name pat-users-health) goes idle when a check's
-    transaction ends, so each new time it went idle is one more check ended.
-    The first may have begun before this call; each later one began after
-    the watcher had acted on the one before.
-    """
-    before: dict[int, datetime | None] = {}  # backend pid -> idle since, when first seen
-    ended: dict[int, set[datetime]] = {}  # backend pid -> idle since, each time after
-
-    async def fewest_ended() -> int:
-        rows = await connection.fetch(
-            "SELECT pid, state, state_change FROM pg_stat_activity "
-            "WHERE datname = current_database() AND application_name = 'pat-users-health'"
-        )
-        for row in rows:
-            pid, idle_since = row["pid"], row["state_change"] if row["state"] == "idle" else None
-            if pid not in before:
-                before[pid], ended[pid] = idle_since, set()
-            elif idle_since is not None and idle_since != before[pid]:
-                ended[pid].add(idle_since)
-        return min(count, *(len(ended[row["pid"]]) for row in rows)) if rows else 0
-
-    connection = await asyncpg.connect(asyncpg_dsn(url))
-    try:
-        await eventually(fewest_ended, count, within)
-    finally:
-        await connection.close()

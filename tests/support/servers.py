@@ -9,6 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
 from service.config import Settings
 from service.server import RunningServer, start
+from tests.support.timing import eventually
 
 TEST_PAGE_TOKEN_SECRET = "test-page-token-secret"
 # What a worker's RSS stays under in every flood (tests/test_overload.py), and
@@ -42,6 +43,23 @@ async def serving(database_url: str, **overrides: object) -> AsyncIterator[Runni
         yield running
     finally:
         await running.stop(drain_seconds=0, grace_seconds=1)
+
+
+async def more_health_checks(running: RunningServer, count: int = 3, within: float = 15.0) -> None:
+    """Until the server's health watcher has acted on `count` more checks.
+
+    What a test asserts a check did not do (flip health, leave a span) is
+    only shown once checks have run: this sees them run. The first may have
+    begun before this call; each later one began after the watcher had acted
+    on the one before. Only this server's watcher counts: another server's on
+    the same database (the shared test server's) shows nothing about this one.
+    """
+    target = running.health.checks_done + count
+
+    async def done() -> int:
+        return min(running.health.checks_done, target)
+
+    await eventually(done, target, within)
 
 
 @asynccontextmanager
