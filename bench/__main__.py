@@ -15,6 +15,9 @@ measures, printing one row per run (rps, p50, p99, errors):
   (bench/replicas.py);
 - WatchUsers: CreateUser with and without the outbox, and change-to-watcher
   latency with 10 watchers (bench/watch.py);
+- telemetry: GetUser with the access log, metrics, or tracing at 1 % on,
+  against all of it off, with the server's CPU per call (bench/telemetry.py;
+  `--only telemetry` runs it alone);
 - the RSS of a fresh worker over 200,000 GetUser calls (--skip-rss);
 - 4 workers through PgBouncer on a PostgreSQL with max_connections 20.
 
@@ -39,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import identity, load, replicas, sections, servers, session_cost, watch
+from bench import identity, load, replicas, sections, servers, session_cost, telemetry, watch
 from bench.baseline import event_loop_runner
 from bench.load import Shape, have_h2load
 from bench.report import Report, Target, print_targets, ratio
@@ -47,7 +50,9 @@ from bench.seed import seed
 from toolkit.databases import migrate_to_head
 
 PAIR_SECTIONS = ("list", "get", "lookup", "health", "create", "update")
-MAIN_DATABASE_SECTIONS = (*PAIR_SECTIONS, "session", "workers", "watch", "replicas", "rss")
+MAIN_DATABASE_SECTIONS = (
+    *PAIR_SECTIONS, "session", "workers", "watch", "replicas", "telemetry", "rss",
+)  # fmt: skip
 SECTIONS = (*MAIN_DATABASE_SECTIONS, "pgbouncer")
 SERVICE, BASELINE = "service", "baseline"
 
@@ -137,6 +142,9 @@ def _on_main_database(bench: sections.Bench, url: str, args: argparse.Namespace)
     if "replicas" in args.names:
         with bench.report.timed("replicas"):
             replicas.replicas(bench, url)
+    if "telemetry" in args.names:
+        with bench.report.timed("telemetry"):
+            telemetry.telemetry(bench, url)
     if "rss" in args.names:
         with bench.report.timed("rss"):
             sections.rss(bench, url, args.rss_requests)
@@ -189,6 +197,7 @@ def targets(report: Report) -> list[Target]:
         for name, a, on_a, b, on_b, op, bound in RATIOS
     ]
     found[-1].detail = "no target in the issue; 2 cores shared with PostgreSQL and h2load"
+    found += telemetry.targets(report)  # medians of paired ratios, round by round
     rss = report.figures.get("rss", {})
     requests = rss.get("requests", 0)
     short = "" if requests >= 200_000 else "the issue asks 200,000 requests"

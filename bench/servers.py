@@ -105,22 +105,22 @@ def service(
 ) -> Iterator[Server]:
     """`python -m service` with a pool of exactly `pool_size` and quiet logs.
 
-    WORKERS=`workers` when the setting exists (None: unset); returns once
-    every worker listens.
+    WORKERS=`workers` when the setting exists (None: unset); `extra`: more
+    variables, LOG_LEVEL included. Returns once every worker listens.
     """
     port = free_port()
     if workers is not None:
         extra["WORKERS"] = str(workers)
+    quiet = {"LOG_LEVEL": "WARNING"}  # no access log, unless `extra` asks for one
     env = subprocess_env(
         DATABASE_URL=database_url,
         GRPC_HOST="127.0.0.1",
         GRPC_PORT=str(port),
-        LOG_LEVEL="WARNING",
         SHUTDOWN_DRAIN_SECONDS="0",
         DB_POOL_SIZE=str(pool_size),
         DB_MAX_OVERFLOW="0",
         PAGE_TOKEN_SECRET=BENCH_SECRET,
-        **extra,
+        **{**quiet, **extra},
     )
     with _running("service", SERVICE_COMMAND, env, port) as server:
         expected = workers or 1

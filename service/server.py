@@ -21,6 +21,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from pat.users.v1 import user_service_pb2, user_service_pb2_grpc
+from service.access_log import LOGGER_NAME as ACCESS_LOGGER
 from service.access_log import new_access_log
 from service.admission import Admission
 from service.auth import Authenticator, new_authenticator
@@ -32,6 +33,7 @@ from service.consistency import ConsistencyTokens, ReadYourWrites
 from service.db import Database, create_engine, create_sessions, normalize_url
 from service.guards import Guards, add_guarded, add_reflection
 from service.health import DatabaseHealth
+from service.logs import direct_lines
 from service.loop_lag import LoopLag
 from service.memory import trim_forever
 from service.migrations import head_revision, migration_database_url
@@ -40,6 +42,7 @@ from service.replicas import ReplicaSet, ReplicatedDatabase
 from service.resume_tokens import ResumeTokens
 from service.retention import expire_forever
 from service.servicer import UserService
+from service.telemetry import Wrap, registering
 from service.tls import CertificateFiles, add_port
 
 if TYPE_CHECKING:  # loaded only when enabled: _start_metrics, _start_tracing
@@ -158,19 +161,21 @@ async def start(
     database, replicas, read_your_writes = _database(settings, url, sessions, token_secret)
     metrics = _start_metrics(settings, engine, admission, loop_lag, health, replicas)
     tracing = _start_tracing(settings, span_exporter)
-    server = grpc.aio.server(
-        options=server_options(settings),
-        interceptors=_interceptors(tracing, metrics),
-    )
+    server = grpc.aio.server(options=server_options(settings))  # no interceptors: see telemetry
     resume_tokens = ResumeTokens(token_secret)
     messages = ChangeMessages(resume_tokens)
     feed = _change_feed(settings, url, sessions, messages)
     servicer = UserService(database, PageTokens(token_secret), resume_tokens, feed, messages)
-    access_log = new_access_log(settings.access_log, settings.log_format)
+    access_log = new_access_log(
+        settings.access_log, settings.log_format, direct_lines(logging.getLogger(ACCESS_LOGGER))
+    )
     guards = Guards(credentials.authenticator, admission, access_log, read_your_writes)
-    add_guarded(user_service_pb2_grpc.add_UserServiceServicer_to_server, servicer, server, guards)
-    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
-    add_reflection(server, settings.reflection, SERVICE_NAMES, credentials.authenticator)
+    services = registering(server, _telemetry_wraps(tracing, metrics))
+    add_guarded(user_service_pb2_grpc.add_UserServiceServicer_to_server, servicer, services, guards)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, services)
+    add_reflection(services, settings.reflection, SERVICE_NAMES, credentials.authenticator)
+    if metrics is not None:
+        metrics.count_unknown_methods(server)  # last: grpc asks generic handlers in order
     port = add_port(server, f"{settings.grpc_host}:{settings.grpc_port}", credentials.certificates)
     loop_lag.start()
     await health.start()
@@ -274,12 +279,9 @@ def _start_tracing(settings: Settings, exporter: SpanExporter | None) -> Tracing
     return Tracing(settings.otel_exporter_otlp_endpoint, exporter)
 
 
-def _interceptors(
-    tracing: Tracing | None, metrics: Metrics | None
-) -> list[grpc.aio.ServerInterceptor] | None:
-    """Only what is enabled: any interceptor at all costs every call a coroutine chain."""
-    interceptors = [
-        *(tracing.interceptors() if tracing is not None else ()),
-        *(metrics.interceptors() if metrics is not None else ()),  # last: it keeps handlers
+def _telemetry_wraps(tracing: Tracing | None, metrics: Metrics | None) -> list[Wrap]:
+    """Only what is enabled, each composed once per handler; the span outermost."""
+    return [
+        *((tracing.traced,) if tracing is not None else ()),
+        *((metrics.measured,) if metrics is not None else ()),
     ]
-    return interceptors or None

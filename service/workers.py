@@ -40,9 +40,10 @@ import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from service.config import Settings
+from service.logs import label_records
 
 logger = logging.getLogger(__name__)
 
@@ -332,17 +333,5 @@ def attach_to_supervisor() -> SupervisorLink | None:
     fd = os.environ.pop(SUPERVISOR_FD_VARIABLE, None)
     if fd is None:
         return None
-    _label_log_records(f"worker {os.environ.pop(WORKER_NUMBER_VARIABLE, '?')}")
+    label_records(f"worker {os.environ.pop(WORKER_NUMBER_VARIABLE, '?')}")
     return SupervisorLink(socket.socket(fileno=int(fd)))
-
-
-def _label_log_records(label: str) -> None:
-    """Prefix every log message of this process, so workers' lines tell whose they are."""
-    make_record = logging.getLogRecordFactory()
-
-    def labelled(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = make_record(*args, **kwargs)
-        record.msg = f"{label}: {record.msg}"
-        return record
-
-    logging.setLogRecordFactory(labelled)

@@ -1,11 +1,13 @@
 """The access log: one line per UserService RPC, seen in the records a real server writes."""
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -16,7 +18,7 @@ from pythonjsonlogger.json import JsonFormatter
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
-from service import logs
+from service import access_log, logs
 from service.server import RunningServer
 from tests.support import (
     ServiceProcess,
@@ -349,3 +351,216 @@ async def test_access_lines_are_written_within_the_flush_interval(
         return capfd.readouterr().err
 
     await eventually(written, "soon\n", within=2)
+
+
+# The access log's own path past logging (logs.DirectLines): the same lines, fewer µs.
+
+
+class EndedCall:
+    """What Entry.write asks of a call's context: one that returned OK."""
+
+    def code(self) -> None:
+        return None
+
+    def time_remaining(self) -> None:
+        return None
+
+
+NOW_NS = 1_800_000_000_123_456_789  # 2027-01-15, 08:00:00.123 UTC
+
+
+@pytest.mark.parametrize("json_format", [False, True], ids=["text", "json"])
+@pytest.mark.parametrize("label", [None, "worker 2"])
+def test_direct_lines_are_what_logging_writes(
+    json_format: bool,
+    label: str | None,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Byte for byte: a line made without a LogRecord, and logging's from the record.
+
+    Odd peers and callers included: text lines write what is not UTF-8-able
+    backslash-escaped, JSON escapes anything past ASCII.
+    """
+    formatter = (
+        logs._JsonFormatter(logs.JSON_FORMAT)
+        if json_format
+        else logs._TextFormatter(logs.TEXT_FORMAT)
+    )
+    handler = logs.BatchedStderr(flush_seconds=3600)
+    handler.setFormatter(formatter)
+    factory = logging.getLogRecordFactory()
+    if label is not None:
+        monkeypatch.setattr(logging, "_logRecordFactory", logs.LabelledRecords(label, factory))
+    prefix = f"{label}: " if label else ""
+    direct = Taken(logs.DirectLines(access_log.logger, handler, prefix), handler)
+    monkeypatch.setattr(time, "time", lambda: NOW_NS / 1e9)
+    monkeypatch.setattr(time, "perf_counter", lambda: 100.0)
+    caplog.set_level(logging.INFO, logger="service.access")
+    capfd.readouterr()
+    cases = [
+        ("GetUser", "ipv4:127.0.0.1:34834", "orders", "checkout-7f3a"),
+        ("DeleteUser", "ipv6:[::1]:5000", "-", "42e1f36dbbf169ce-2"),
+        ("ListUsers", "unix:/run/pat users/ü.sock", "zoë\ud800", 'r%s%d{x}"\\'),
+    ]
+    expected = []
+    for method, peer, caller, request_id in cases:
+        for lines in (direct, None):
+            entry = access_log.Entry(request_id, peer, json_format, lines, started=99.9877)
+            entry.write(EndedCall(), method, caller, returned=True)  # type: ignore[arg-type]
+        [record] = lines_of(caplog)
+        caplog.clear()
+        record.created, record.msecs = NOW_NS / 1e9, float(NOW_NS % 10**9 // 10**6)
+        line = handler.format(record) + "\n"
+        expected.append(line.encode("utf-8", "backslashreplace").decode())
+    handler.flush()
+    written = capfd.readouterr().err
+    handler.close()
+    assert written == "".join(expected)
+    assert "12.3" in written  # the duration, as logged
+    if label is not None:
+        assert written.count(f"{label}: ") == len(cases)
+
+
+class Taken:
+    """DirectLines as if the service's handler alone took records (here pytest's do too)."""
+
+    def __init__(self, direct: logs.DirectLines, handler: logs.BatchedStderr) -> None:
+        self._direct, self._handler = direct, handler
+
+    def write(
+        self,
+        message: str,
+        args: tuple[object, ...] = (),
+        fields: Mapping[str, object] | None = None,
+    ) -> bool:
+        self._handler.add(self._direct.line(time.time(), message, args, fields), wait=True)
+        return True
+
+
+def lines_of(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.name == "service.access"]
+
+
+@contextlib.contextmanager
+def the_services_logging_alone() -> Iterator[logs.DirectLines]:
+    """The access logger's DirectLines, its handler the root's only one (pytest's set aside).
+
+    Not a fixture: pytest adds its handlers to the root after fixtures are set up.
+    """
+    handler = logs.BatchedStderr(flush_seconds=3600)
+    handler.setFormatter(logs._TextFormatter(logs.TEXT_FORMAT))
+    root = logging.getLogger()
+    handlers, level = root.handlers, access_log.logger.level
+    root.handlers = [handler]
+    access_log.logger.setLevel(logging.INFO)
+    try:
+        direct = logs.direct_lines(access_log.logger)
+        assert direct is not None
+        yield direct
+    finally:
+        root.handlers = handlers
+        access_log.logger.setLevel(level)
+        handler.flush()
+        handler.close()
+
+
+def test_direct_lines_only_while_the_services_handler_alone_would_take_them(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(logs, "RECHECK_SECONDS", 0.0)  # ask at every line, as handlers come and go
+    with the_services_logging_alone() as alone:
+        _only_while_alone(alone, monkeypatch)
+    written = capfd.readouterr().err.splitlines()
+    assert [line.partition(" INFO ")[2] for line in written] == ["service.access: here"]
+
+
+def _only_while_alone(alone: logs.DirectLines, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert alone.sole_receiver()
+    other = logging.NullHandler()
+    for holder in ("", "service", "service.access"):  # a handler anywhere on the way
+        logger = logging.getLogger(holder)
+        logger.addHandler(other)
+        assert not alone.sole_receiver(), holder
+        logger.removeHandler(other)
+    assert alone.sole_receiver()
+    with monkeypatch.context() as patched:
+        patched.setattr(access_log.logger, "filters", [lambda record: True])
+        assert not alone.sole_receiver()
+    with monkeypatch.context() as patched:
+        patched.setattr(access_log.logger, "propagate", False)
+        assert not alone.sole_receiver()  # the root's handler would not get it
+    with monkeypatch.context() as patched:
+        patched.setattr(logging, "_logRecordFactory", lambda *a, **k: logging.LogRecord(*a, **k))
+        assert not alone.sole_receiver()
+    other_handler = logging.NullHandler()
+    logging.getLogger("service").addHandler(other_handler)
+    assert not alone.write("not here")  # nothing written: log it the ordinary way
+    logging.getLogger("service").removeHandler(other_handler)
+    assert alone.write("here")
+    access_log.logger.setLevel(logging.WARNING)
+    assert not alone.sole_receiver()  # and logger.info drops it, as it should
+    access_log.logger.setLevel(logging.INFO)
+    assert alone.sole_receiver()
+
+
+def test_a_direct_line_waits_for_its_batch_and_is_made_when_written(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    with the_services_logging_alone() as direct:
+        capfd.readouterr()
+        entry = access_log.Entry("r-1", "ipv4:10.0.0.7:5000", False, direct)
+        entry.write(EndedCall(), "GetUser", "orders", returned=True)  # type: ignore[arg-type]
+        assert capfd.readouterr().err == ""  # made and written with its batch
+    [line] = capfd.readouterr().err.splitlines()
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+    fields = r"method=GetUser code=OK duration_ms=\d+\.\d peer=ipv4:10.0.0.7:5000"
+    assert re.fullmatch(
+        rf"{stamp} INFO service.access: {fields} caller=orders request_id=r-1", line
+    )
+
+
+def test_only_the_services_own_logging_gets_direct_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logging.getLogger(), "handlers", [logging.StreamHandler()])
+    assert logs.direct_lines(access_log.logger) is None  # in-process tests: caplog gets records
+
+
+async def test_sigterm_loses_no_line(database_url: str) -> None:
+    """Every call answered before SIGTERM has its line in the log when the process has exited.
+
+    Lines wait up to 0.2 s in a batch; the last ones are still waiting when
+    the signal comes.
+    """
+    env = subprocess_env(
+        DATABASE_URL=database_url,
+        GRPC_PORT="0",
+        GRPC_HOST="127.0.0.1",
+        SHUTDOWN_DRAIN_SECONDS="0",
+    )
+    calls, in_flight = 400, 16
+    child = await ServiceProcess.start(env)
+    try:
+        async with grpc.aio.insecure_channel(child.address) as channel:
+            await wait_until_serving(channel)
+            stub = UserServiceStub(channel)
+            user = await create_user(stub)
+
+            async def get(n: int) -> None:
+                async with limit:
+                    await stub.GetUser(
+                        pb.GetUserRequest(id=user.id), metadata=(("x-request-id", f"n-{n}"),)
+                    )
+
+            limit = asyncio.Semaphore(in_flight)
+            await asyncio.gather(*(get(n) for n in range(calls)))
+            child.process.terminate()
+        assert await child.wait() == 0, child.text
+    finally:
+        await child.kill()
+    logged = [line for line in child.log if " service.access: " in line]
+    gets = [line for line in logged if "method=GetUser code=OK" in line]
+    assert len(gets) == calls, f"{len(gets)} GetUser lines for {calls} calls"
+    assert len(logged) == calls + 1  # and the CreateUser
+    ids = {TEXT_LINE.search(line).group(6) for line in gets}  # type: ignore[union-attr]
+    assert ids == {f"n-{n}" for n in range(calls)}

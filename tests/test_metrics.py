@@ -11,12 +11,24 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
+from service import metrics
 from service.db import create_engine, normalize_url, pool_status
 from tests.support import (
     ServiceProcess,
@@ -228,3 +240,85 @@ async def test_a_failed_start_still_exits(database_url: str) -> None:
         finally:
             await child.kill()
     assert "Failed to bind" in child.text
+
+
+def test_call_metrics_export_what_prometheus_clients_own_series_would() -> None:
+    """CallMetrics keeps plain counts; a scrape shows them as Counter and Histogram show theirs."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    calls = metrics.CallMetrics(ours)
+    labels = ("grpc_method", "grpc_status")
+    started = Counter(
+        "grpc_server_call_started",
+        "Number of server calls started",
+        ("grpc_method",),
+        registry=theirs,
+    )
+    duration = Histogram(
+        "grpc_server_call_duration_seconds",
+        "End-to-end time taken to complete a call from server transport's perspective",
+        labels,
+        buckets=metrics.LATENCY_BUCKETS,
+        registry=theirs,
+    )
+    sent = Histogram(
+        "grpc_server_call_sent_total_compressed_message_size_bytes",
+        "Compressed message bytes sent per server call",
+        labels,
+        buckets=metrics.SIZE_BUCKETS,
+        registry=theirs,
+    )
+    received = Histogram(
+        "grpc_server_call_rcvd_total_compressed_message_size_bytes",
+        "Compressed message bytes received per server call",
+        labels,
+        buckets=metrics.SIZE_BUCKETS,
+        registry=theirs,
+    )
+    disable_created_metrics()
+    calls.method("pat.users.v1.UserService/ListUsers")  # wrapped, never called: no series
+    observed = [
+        ("pat.users.v1.UserService/GetUser", "OK", 0.0008, 43, 333),  # on a bucket's bound
+        ("pat.users.v1.UserService/GetUser", "OK", 0.00081, 43, 1024),
+        ("pat.users.v1.UserService/GetUser", "NOT_FOUND", 0.0, 0, 0),
+        ("pat.users.v1.UserService/GetUser", "OK", 250.0, 5_000_000_000, 70_000),  # past all
+        ("grpc.health.v1.Health/Check", "OK", 1e-05, 2, 7),
+    ]
+    for name, status, seconds, rcvd, size in observed:
+        method = calls.method(name)
+        method.started += 1
+        method.ended(status, seconds, rcvd, size)
+        started.labels(name).inc()
+        duration.labels(name, status).observe(seconds)
+        received.labels(name, status).observe(rcvd)
+        sent.labels(name, status).observe(size)
+    calls.method(metrics.OTHER_METHOD).started += 1
+    started.labels(metrics.OTHER_METHOD).inc()
+    assert generate_latest(ours).decode() == generate_latest(theirs).decode()
+
+
+async def test_health_and_reflection_are_measured_too(service: ServiceProcess) -> None:
+    """Every service on GRPC_PORT has its handlers measured, wrapped when registered."""
+    (port,) = metrics_ports(service)
+    async with grpc.aio.insecure_channel(service.address) as channel:
+        await wait_until_serving(channel)  # Health/Watch
+        check = health_pb2_grpc.HealthStub(channel).Check
+        for _ in range(2):
+            await check(health_pb2.HealthCheckRequest())
+    services = await asyncio.to_thread(_services_by_reflection, service.address)
+    assert "pat.users.v1.UserService" in services
+    scraped = scrape(port)
+    health = 'grpc_method="grpc.health.v1.Health/Check"'
+    assert value(scraped, "grpc_server_call_started_total", health) == 2
+    assert (
+        value(scraped, "grpc_server_call_duration_seconds_count", health, 'grpc_status="OK"') == 2
+    )
+    watch = 'grpc_method="grpc.health.v1.Health/Watch"'
+    assert (value(scraped, "grpc_server_call_started_total", watch) or 0) >= 1
+    info = 'grpc_method="grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"'
+    assert value(scraped, "grpc_server_call_started_total", info) == 1
+    assert value(scraped, "grpc_server_call_duration_seconds_count", info, 'grpc_status="OK"') == 1
+
+
+def _services_by_reflection(address: str) -> list[str]:
+    with grpc.insecure_channel(address) as channel:
+        return list(ProtoReflectionDescriptorDatabase(channel).get_services())

@@ -8,19 +8,22 @@ OpenTelemetry global is set; stopping the server un-instruments asyncpg.
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from opentelemetry.context import Context
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan, sampling
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from pat.users.v1 import user_pb2
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
+from service import tracing
 from service.server import RunningServer, start
 from tests.support import (
     ServiceProcess,
@@ -39,6 +42,7 @@ from tests.support import (
 )
 
 GET_USER = "/pat.users.v1.UserService/GetUser"
+LOW_BITS = sampling.TraceIdRatioBased.TRACE_ID_LIMIT
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
@@ -251,3 +255,101 @@ async def test_spans_reach_the_otlp_endpoint(database_url: str) -> None:
     spans = [s for r in resources for scope in r.scope_spans for s in scope.spans]
     (rpc,) = [s for s in spans if s.name == GET_USER]
     assert [s.name for s in spans if s.parent_span_id == rpc.span_id] == ["SELECT"]
+
+
+# Sampling: decided once per call, before any instrumentation runs.
+
+
+@pytest.mark.parametrize(
+    ("name", "arg", "bound"),
+    [
+        ("parentbased_always_on", None, LOW_BITS + 1),  # the default
+        ("always_on", None, LOW_BITS + 1),
+        ("always_off", None, 0),
+        ("parentbased_always_off", None, 0),
+        ("traceidratio", "0.25", round(0.25 * (LOW_BITS + 1))),
+        ("parentbased_traceidratio", "0.01", round(0.01 * (LOW_BITS + 1))),
+    ],
+)
+def test_the_samplers_decision_without_a_parent_is_known_ahead(
+    monkeypatch: pytest.MonkeyPatch, name: str, arg: str | None, bound: int
+) -> None:
+    """What tracing._bound_without_parent reads of the SDK's samplers (one private attribute)."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", name)
+    if arg is not None:
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", arg)
+    sampler = tracing._env_sampler()
+    assert tracing._bound_without_parent(sampler) == bound
+    # And it is what the sampler decides, at the edge of the bound too.
+    for trace_id in {1 << 64, max(bound - 1, 0) | 1 << 64, bound | 1 << 64, LOW_BITS}:
+        result = sampler.should_sample(Context(), trace_id, GET_USER, SpanKind.SERVER)
+        assert result.decision.is_sampled() == ((trace_id & LOW_BITS) < bound), trace_id
+
+
+def test_a_sampler_not_known_here_is_asked_for_every_call() -> None:
+    class Plugin(sampling.Sampler):
+        def should_sample(self, *args: object, **kwargs: object) -> sampling.SamplingResult:
+            return sampling.SamplingResult(sampling.Decision.DROP)
+
+        def get_description(self) -> str:
+            return "Plugin"
+
+    assert tracing._bound_without_parent(Plugin()) is None
+    assert tracing._bound_without_parent(sampling.ParentBased(Plugin())) is None
+
+
+async def test_unsampled_calls_run_no_instrumentation(
+    database_url: str, exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a ratio of one half, the calls not sampled start no span, not even their SQL's.
+
+    The sampled ones have the spans they always had, under trace ids the
+    ratio sampler itself would keep.
+    """
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.5")
+    running = await start(server_settings(database_url), database_url, span_exporter=exporter)
+    try:
+        assert running.tracing is not None
+        sql = CountingTracer(running.tracing._asyncpg._tracer)
+        running.tracing._asyncpg._tracer = sql
+        async with user_service(running) as stub:
+            user = await create_user(stub)
+            exporter.clear()
+            sql.statements.clear()
+            calls = 200
+            for _ in range(calls):
+                await stub.GetUser(pb.GetUserRequest(id=user.id))
+            traced = server_spans(exporter, GET_USER)
+            assert calls * 0.3 < len(traced) < calls * 0.7  # binomial(200, 0.5): 100 ± 7
+            users_sql = [s for s in sql.statements if "FROM users" in s]
+            assert len(users_sql) == len(traced)  # none for the calls not sampled
+            for rpc in traced:
+                assert rpc.context is not None
+                assert rpc.context.trace_id & LOW_BITS < round(0.5 * (LOW_BITS + 1))
+                assert [s.name for s in children(exporter, rpc)] == ["SELECT"]
+
+            # A caller's decision is followed, either way.
+            exporter.clear()
+            for flags in ("01", "00"):
+                for _ in range(10):
+                    parent = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-{flags}"
+                    metadata = (("traceparent", parent),)
+                    await stub.GetUser(pb.GetUserRequest(id=user.id), metadata=metadata)
+            followed = server_spans(exporter, GET_USER)
+            assert len(followed) == 10
+            assert all(s.parent is not None and s.parent.is_remote for s in followed)
+    finally:
+        await running.stop(drain_seconds=0, grace_seconds=1)
+
+
+class CountingTracer:
+    """The asyncpg instrumentation's tracer, noting the statement of every span it is asked for."""
+
+    def __init__(self, tracer: Any) -> None:
+        self._tracer = tracer
+        self.statements: list[str] = []
+
+    def start_as_current_span(self, name: str, **kwargs: Any) -> Any:
+        self.statements.append(str((kwargs.get("attributes") or {}).get("db.statement", "")))
+        return self._tracer.start_as_current_span(name, **kwargs)
