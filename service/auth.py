@@ -2,12 +2,14 @@
 
 The file names one caller per line (`#` comments and blank lines allowed):
 
-    NAME sha256:HEX [METHOD,METHOD,...]   a bearer token whose SHA-256 is HEX
-    NAME x509 [METHOD,METHOD,...]         a client certificate whose identity is NAME
+    NAME sha256:HEX [METHOD,METHOD,...] [weight=N]   a bearer token whose SHA-256 is HEX
+    NAME x509 [METHOD,METHOD,...] [weight=N]         a client certificate whose identity is NAME
 
 so it holds no secret. The optional list allows those UserService methods
-only (PERMISSION_DENIED for the rest); without it, every method. A caller may
-have several token lines (to rotate its token without a gap).
+only (PERMISSION_DENIED for the rest); without it, every method. `weight=N`
+(1 to 100, default 1) gives the caller N times MAX_CONCURRENT_RPCS_PER_CALLER
+(admission.py). A caller may have several token lines (to rotate its token
+without a gap), all with the same weight.
 
 A certificate's identity is its first DNS SAN, else its first URI SAN, else
 its subject's CN; gRPC has already verified it against TLS_CLIENT_CA_FILE.
@@ -46,6 +48,8 @@ RELOAD_INTERVAL_SECONDS = 1.0
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _METHOD_NAME = re.compile(r"[A-Za-z]{1,40}")
 _BEARER = "bearer "
+_WEIGHT = "weight="
+MAX_WEIGHT = 100
 # A comment runs from a `#` at the start of a line or after a space to its end.
 _COMMENT = re.compile(r"(?:^|\s)#.*")
 # What goes into logs unescaped: printable ASCII without spaces.
@@ -62,6 +66,7 @@ class CallersFileError(ValueError):
 class Caller:
     name: str
     methods: frozenset[str] | None  # None: every method
+    weight: int = 1  # its share of calls in progress, in MAX_CONCURRENT_RPCS_PER_CALLER
 
     def authorize(self, method: str) -> None:
         """Raise PermissionDenied unless this caller may call `method`."""
@@ -103,6 +108,7 @@ def parse_callers(content: bytes, path: Path) -> Callers:
         raise CallersFileError(f"{path}: not UTF-8 text") from None
     tokens: dict[bytes, tuple[int, Caller]] = {}
     certificates: dict[str, Caller] = {}
+    weights: dict[str, tuple[int, int]] = {}  # name → (its weight, the line that set it)
     for number, line in enumerate(text.splitlines(), start=1):
         fields = _COMMENT.sub("", line).split()
         if not fields:
@@ -111,6 +117,12 @@ def parse_callers(content: bytes, path: Path) -> Callers:
             name, credential, caller = _parse_line(fields)
         except ValueError as error:
             raise CallersFileError(f"{path}, line {number}: {error}") from None
+        weight, first = weights.setdefault(name, (caller.weight, number))
+        if weight != caller.weight:
+            raise CallersFileError(
+                f"{path}, line {number}: {name} has weight {caller.weight}, but {weight} on "
+                f"line {first}"
+            )
         if credential is None:
             if name in certificates:
                 raise CallersFileError(f"{path}, line {number}: x509 caller {name} listed twice")
@@ -128,8 +140,13 @@ def parse_callers(content: bytes, path: Path) -> Callers:
 
 def _parse_line(fields: list[str]) -> tuple[str, bytes | None, Caller]:
     """(name, token digest or None for x509, caller) of one line's fields."""
-    if len(fields) not in (2, 3):
-        raise ValueError("expected `NAME sha256:HEX [METHOD,...]` or `NAME x509 [METHOD,...]`")
+    weights = [field for field in fields[2:] if field.startswith(_WEIGHT)]
+    fields = fields[:2] + [field for field in fields[2:] if not field.startswith(_WEIGHT)]
+    if len(fields) not in (2, 3) or len(weights) > 1:
+        raise ValueError(
+            "expected `NAME sha256:HEX [METHOD,...] [weight=N]` or `NAME x509 [METHOD,...] "
+            "[weight=N]`"
+        )
     name, credential = fields[0], fields[1]
     if not _PLAIN.fullmatch(name):
         raise ValueError("the name must be printable ASCII")
@@ -140,7 +157,15 @@ def _parse_line(fields: list[str]) -> tuple[str, bytes | None, Caller]:
             raise ValueError("the credential must be `x509` or `sha256:` and 64 hex digits")
         digest = bytes.fromhex(hex_digest)
     methods = _parse_methods(fields[2]) if len(fields) == 3 else None
-    return name, digest, Caller(name, methods)
+    weight = _parse_weight(weights[0]) if weights else 1
+    return name, digest, Caller(name, methods, weight)
+
+
+def _parse_weight(field: str) -> int:
+    value = field.removeprefix(_WEIGHT)
+    if not (value.isascii() and value.isdigit() and 1 <= int(value) <= MAX_WEIGHT):
+        raise ValueError(f"weight must be a whole number from 1 to {MAX_WEIGHT}")
+    return int(value)
 
 
 def _parse_methods(field: str) -> frozenset[str]:

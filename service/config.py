@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     # Unset: 4 x (DB_POOL_SIZE + DB_MAX_OVERFLOW), enough to keep every
     # connection busy with a short queue in front of the pool.
     max_concurrent_rpcs: int | None = Field(default=None, ge=1)
+    # Fair shares: calls in progress one caller may hold at once (times its
+    # weight in AUTH_TOKENS_FILE); past it, its calls are refused with
+    # UNAVAILABLE (OVERLOADED, saying whose share was full) while others go
+    # on. A caller is an authenticated name, or with authentication off a
+    # peer address. Unset: half of MAX_CONCURRENT_RPCS.
+    max_concurrent_rpcs_per_caller: int | None = Field(default=None, ge=1)
     # No call is started while the event loop runs this late: CPU-bound work
     # queued up, and more would only add to every call's wait.
     shed_loop_lag_seconds: float = Field(default=0.25, gt=0)
@@ -196,6 +202,11 @@ class Settings(BaseSettings):
     def rpc_limit(self) -> int:
         """MAX_CONCURRENT_RPCS, or its default derived from the pool."""
         return self.max_concurrent_rpcs or 4 * (self.db_pool_size + self.db_max_overflow)
+
+    @property
+    def caller_share(self) -> int:
+        """MAX_CONCURRENT_RPCS_PER_CALLER, or half the cap (at least 1)."""
+        return self.max_concurrent_rpcs_per_caller or max(1, self.rpc_limit // 2)
 
     @field_validator("page_token_secret")
     @classmethod

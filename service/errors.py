@@ -187,19 +187,31 @@ class NotDeleted(ServiceError):
 
 
 class Overloaded(ServiceError):
-    """Admission refused the call (see admission.py); it was not started."""
+    """Admission refused the call (see admission.py); it was not started.
+
+    `share_of`: the caller whose share of the calls in progress was full
+    (MAX_CONCURRENT_RPCS_PER_CALLER); None when the server as a whole was.
+    """
 
     code = code_pb2.UNAVAILABLE
     RETRY_DELAY_SECONDS = 0.2
 
-    def __init__(self) -> None:
-        super().__init__("the server is overloaded; retry with backoff")
+    def __init__(self, share_of: str | None = None) -> None:
+        super().__init__(
+            f"caller {share_of} holds its whole share of the server; retry with backoff"
+            if share_of
+            else "the server is overloaded; retry with backoff"
+        )
+        self.share_of = share_of
 
     def details(self) -> list[Message]:
         retry_delay = duration_pb2.Duration()
         retry_delay.FromTimedelta(timedelta(seconds=self.RETRY_DELAY_SECONDS))
+        metadata = {"share_of": self.share_of} if self.share_of else {}
         return [
-            error_details_pb2.ErrorInfo(reason="OVERLOADED", domain=ERROR_DOMAIN),
+            error_details_pb2.ErrorInfo(
+                reason="OVERLOADED", domain=ERROR_DOMAIN, metadata=metadata
+            ),
             error_details_pb2.RetryInfo(retry_delay=retry_delay),
         ]
 

@@ -216,13 +216,13 @@ def _guarded_unary(
             if authenticator is not None:
                 caller = authenticator.identify(context)
                 caller.authorize(name)
-            admission.enter(context)
+            admitted = admission.enter(context, caller)
             try:
                 if isinstance(request, Undecodable):
                     raise UndecodableRequest()
                 response = serialize(await behavior(request, context))
             finally:
-                admission.leave()
+                admission.leave(admitted)
             admission.track_unsent(context, len(response))
             returned = True
             return response

@@ -131,6 +131,12 @@ class Metrics:
             unit="{call}",
             description="UserService calls refused with UNAVAILABLE (OVERLOADED), by reason",
         )
+        meter.create_observable_counter(
+            "pat_users.rpc.refused_by_caller",
+            [_refused_by_caller(admission)],
+            unit="{call}",
+            description="UserService calls refused for their caller's share, by caller",
+        )
         meter.create_observable_gauge(
             "pat_users.rpc.unsent_response_bytes",
             [lambda _: [Observation(admission.unsent_bytes)]],
@@ -193,6 +199,14 @@ def _pool_field(engine: AsyncEngine, field: str) -> Callback:
     def observe(_: CallbackOptions) -> Iterable[Observation]:
         status: PoolStatus = pool_status(engine)
         return [Observation(getattr(status, field))]
+
+    return observe
+
+
+def _refused_by_caller(admission: Admission) -> Callback:
+    def observe(_: CallbackOptions) -> Iterable[Observation]:
+        refused = list(admission.refused_by_caller.items())  # a copy: calls add to it meanwhile
+        return [Observation(n, {"caller": caller}) for caller, n in refused]
 
     return observe
 

@@ -152,6 +152,7 @@ async def start(
     loop_lag = LoopLag(settings.loop_lag_warning_seconds)
     admission = Admission(
         settings.rpc_limit,
+        settings.caller_share,
         settings.max_unsent_response_bytes,
         loop_lag,
         settings.shed_loop_lag_seconds,

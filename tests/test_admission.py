@@ -51,7 +51,9 @@ def blocked_update(stub: UserServiceStub, user_id: str, name: str) -> "asyncio.F
 
 @pytest.fixture
 async def two_slot_server(migrated_url: str) -> AsyncIterator[RunningServer]:
-    async with serving(migrated_url, max_concurrent_rpcs=2) as running:
+    # One caller (one connection) fills the server: its share is the whole cap.
+    settings = {"max_concurrent_rpcs": 2, "max_concurrent_rpcs_per_caller": 2}
+    async with serving(migrated_url, **settings) as running:
         yield running
 
 

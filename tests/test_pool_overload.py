@@ -44,6 +44,7 @@ async def small_pool(
         "db_max_overflow": 0,
         "db_pool_timeout_seconds": 0.5,
         "max_concurrent_rpcs": 2 * WAVE,
+        "max_concurrent_rpcs_per_caller": 2 * WAVE,  # one caller's calls fill the pool
     }
     async with serving(url, **settings) as running:
         yield running, url
