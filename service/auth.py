@@ -28,6 +28,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,22 @@ class Caller:
 
 # Who calls when authentication is off (or has not succeeded yet).
 ANONYMOUS = Caller("-", None)
+
+# The caller of the UserService call this task serves: set by the guard once
+# it has identified the caller (each call runs in a task of its own, with a
+# context of its own), read where a call records who made it (the outbox).
+_current_caller: ContextVar[Caller] = ContextVar("pat_users_caller", default=ANONYMOUS)
+
+
+def calling_as(caller: Caller) -> None:
+    """Make `caller` the current call's caller."""
+    _current_caller.set(caller)
+
+
+def current_actor() -> str:
+    """The current call's caller's name; empty when authentication is off."""
+    caller = _current_caller.get()
+    return "" if caller is ANONYMOUS else caller.name
 
 
 @dataclass(frozen=True)

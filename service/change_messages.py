@@ -38,7 +38,10 @@ class ChangeMessages:
             (
                 at := Position(row.xid, row.seq),
                 pb.UserChange(
-                    kind=row.kind, user=to_proto(row), resume_token=self._tokens.issue(at)
+                    kind=row.kind,
+                    user=to_proto(row),
+                    resume_token=self._tokens.issue(at),
+                    actor=row.actor,
                 ),
             )
             for row in rows

@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from service.access_log import AccessLog
 from service.admission import Admission
-from service.auth import ANONYMOUS, Authenticator
+from service.auth import ANONYMOUS, Authenticator, calling_as
 from service.consistency import ReadYourWrites
 from service.errors import ServiceError, Unauthenticated, abort
 
@@ -216,6 +216,7 @@ def _guarded_unary(
             if authenticator is not None:
                 caller = authenticator.identify(context)
                 caller.authorize(name)
+                calling_as(caller)
             admitted = admission.enter(context, caller)
             try:
                 if isinstance(request, Undecodable):

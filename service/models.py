@@ -104,6 +104,9 @@ class UserChange(Base):
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     delete_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     version: Mapped[int] = mapped_column(BigInteger)
+    # The caller whose write this was (migration 0003: the trigger reads the
+    # write's `pat_users.actor` setting); empty for writes made outside the service.
+    actor: Mapped[str] = mapped_column(Text, server_default=text("''"))
 
     __table_args__ = (
         CheckConstraint("kind BETWEEN 1 AND 4", name="kind"),

@@ -16,6 +16,7 @@ import grpc
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1 import user_service_pb2_grpc
 from service import users
+from service.auth import current_actor
 from service.change_feed import ChangeFeed
 from service.change_messages import ChangeMessages
 from service.convert import to_proto
@@ -62,6 +63,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
             email=email,
             display_name=display_name,
             request_id=request_id,
+            actor=current_actor(),
         )
         return pb.CreateUserResponse(user=to_proto(user))
 
@@ -134,7 +136,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         fields = check.updated_fields(request.user, request.update_mask.paths)
         check.raise_if_any()
         user = await self._database.write(
-            users.update_fields, user_id, fields, expected_version=version
+            users.update_fields, user_id, fields, expected_version=version, actor=current_actor()
         )
         return pb.UpdateUserResponse(user=to_proto(user))
 
@@ -142,14 +144,18 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         self, request: pb.DeleteUserRequest, context: Context
     ) -> pb.DeleteUserResponse:
         user_id, version = _id_and_etag(request)
-        user = await self._database.write(users.delete, user_id, expected_version=version)
+        user = await self._database.write(
+            users.delete, user_id, expected_version=version, actor=current_actor()
+        )
         return pb.DeleteUserResponse(user=to_proto(user))
 
     async def UndeleteUser(
         self, request: pb.UndeleteUserRequest, context: Context
     ) -> pb.UndeleteUserResponse:
         user_id, version = _id_and_etag(request)
-        user = await self._database.write(users.undelete, user_id, expected_version=version)
+        user = await self._database.write(
+            users.undelete, user_id, expected_version=version, actor=current_actor()
+        )
         return pb.UndeleteUserResponse(user=to_proto(user))
 
     async def WatchUsers(

@@ -62,6 +62,11 @@ class Cursor:
     id: uuid.UUID
 
 
+# Every write names its caller for the outbox's trigger (migration 0003): a
+# transaction-local setting, set in RETURNING, so in the write's own round
+# trip and before the row's AFTER trigger runs (triggers fire at the end of
+# the statement).
+_SET_ACTOR = func.set_config("pat_users.actor", bindparam("actor"), True).label("actor")
 _BY_ID = select(_users).where(_users.c.id == bindparam("user_id"))
 _BY_IDS = select(_users).where(_users.c.id == any_(bindparam("user_ids", type_=ARRAY(Uuid()))))
 _LIVE_BY_EMAIL = select(_users).where(
@@ -79,16 +84,24 @@ _INSERT = (
         create_request_digest=bindparam("digest"),
     )
     .on_conflict_do_nothing()
-    .returning(_users)
+    .returning(_users, _SET_ACTOR)
 )
 _PAGE_ORDER = (_users.c.create_time, _users.c.id)
 _AFTER_CURSOR = tuple_(*_PAGE_ORDER) > tuple_(bindparam("after_time"), bindparam("after_id"))
 
 
 def create(
-    session: Session, *, email: str, display_name: str, request_id: uuid.UUID | None
+    session: Session,
+    *,
+    email: str,
+    display_name: str,
+    request_id: uuid.UUID | None,
+    actor: str = "",
 ) -> UserRow:
-    """Insert a user; with a request_id, a repeat returns the first call's user."""
+    """Insert a user; with a request_id, a repeat returns the first call's user.
+
+    `actor` (every write takes one): the caller's name, recorded with the change.
+    """
     digest = _request_digest(email, display_name) if request_id else None
     if request_id is not None and (earlier := _created_by(session, request_id)):
         return _replay(earlier, digest)
@@ -97,6 +110,7 @@ def create(
         "new_display_name": display_name,
         "request_id": request_id,
         "digest": digest,
+        "actor": actor,
     }
     created = session.connection().execute(_INSERT, values).one_or_none()
     if created is not None:
@@ -164,21 +178,26 @@ def update_fields(
     fields: Mapping[str, str],
     *,
     expected_version: int | None,
+    actor: str = "",
 ) -> UserRow:
     """Set mutable fields of a live user to the values in `fields`."""
     unknown = set(fields) - set(MUTABLE_FIELDS)
     assert not unknown, f"not mutable: {unknown}"
-    return _write(session, user_id, dict(fields), expected_version, deleted=False)
+    return _write(session, user_id, dict(fields), expected_version, actor, deleted=False)
 
 
-def delete(session: Session, user_id: uuid.UUID, *, expected_version: int | None) -> UserRow:
+def delete(
+    session: Session, user_id: uuid.UUID, *, expected_version: int | None, actor: str = ""
+) -> UserRow:
     """Soft-delete a live user."""
-    return _write(session, user_id, {}, expected_version, deleted=False, deleting=True)
+    return _write(session, user_id, {}, expected_version, actor, deleted=False, deleting=True)
 
 
-def undelete(session: Session, user_id: uuid.UUID, *, expected_version: int | None) -> UserRow:
+def undelete(
+    session: Session, user_id: uuid.UUID, *, expected_version: int | None, actor: str = ""
+) -> UserRow:
     """Bring a soft-deleted user back."""
-    return _write(session, user_id, {}, expected_version, deleted=True, deleting=False)
+    return _write(session, user_id, {}, expected_version, actor, deleted=True, deleting=False)
 
 
 def _write(
@@ -186,6 +205,7 @@ def _write(
     user_id: uuid.UUID,
     fields: dict[str, Any],
     expected_version: int | None,
+    actor: str,
     *,
     deleted: bool,
     deleting: bool | None = None,
@@ -201,7 +221,7 @@ def _write(
         tuple(sorted(fields)), deleted, deleting, expected_version is not None
     )
     parameters = {f"new_{name}": value for name, value in fields.items()}
-    parameters.update(user_id=user_id, expected_version=expected_version)
+    parameters.update(user_id=user_id, expected_version=expected_version, actor=actor)
     try:
         written = session.connection().execute(statement, parameters).one_or_none()
     except IntegrityError as error:
@@ -227,7 +247,7 @@ def _update_statement(
         update(_users)
         .where(_users.c.id == bindparam("user_id"), state)
         .values({**values, "version": _users.c.version + 1, "update_time": func.now()})
-        .returning(_users)
+        .returning(_users, _SET_ACTOR)
     )
     if versioned:
         statement = statement.where(_users.c.version == bindparam("expected_version"))

@@ -5,7 +5,7 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -78,9 +78,12 @@ class Watcher:
 
 
 @asynccontextmanager
-async def watching(stub: UserServiceStub, resume_token: str = "") -> AsyncIterator[Watcher]:
+async def watching(
+    stub: UserServiceStub, resume_token: str = "", metadata: Sequence[tuple[str, str]] = ()
+) -> AsyncIterator[Watcher]:
     """A watch that has received its first response (so it is in place)."""
-    watcher = Watcher(stub.WatchUsers(pb.WatchUsersRequest(resume_token=resume_token)))
+    request = pb.WatchUsersRequest(resume_token=resume_token)
+    watcher = Watcher(stub.WatchUsers(request, metadata=tuple(metadata) or None))
     reader = asyncio.ensure_future(watcher.read_forever())
     try:
         await watcher.until(lambda w: bool(w.token) or w.error is not None)

@@ -146,7 +146,7 @@ class Heartbeat(_message.Message):
     def __init__(self) -> None: ...
 
 class UserChange(_message.Message):
-    __slots__ = ("kind", "user", "resume_token")
+    __slots__ = ("kind", "user", "resume_token", "actor")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[UserChange.Kind]
@@ -162,7 +162,9 @@ class UserChange(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
     kind: UserChange.Kind
     user: _user_pb2.User
     resume_token: str
-    def __init__(self, kind: _Optional[_Union[UserChange.Kind, str]] = ..., user: _Optional[_Union[_user_pb2.User, _Mapping]] = ..., resume_token: _Optional[str] = ...) -> None: ...
+    actor: str
+    def __init__(self, kind: _Optional[_Union[UserChange.Kind, str]] = ..., user: _Optional[_Union[_user_pb2.User, _Mapping]] = ..., resume_token: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
