@@ -15,7 +15,9 @@ behind (its caller does not read) is ended with UNAVAILABLE
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,7 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from service import db, outbox
 from service.change_messages import BATCH_LIMIT, Batch, ChangeMessages
 from service.errors import Overloaded, ResumeTokenExpired, WatchEnded, draining, watcher_too_slow
-from service.outbox import Position
+from service.outbox import Origin, Position, Snapshot
+from service.resume_tokens import ResumeTokens
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ class FeedSettings:
     heartbeat_seconds: float
     buffer_batches: int
     max_watchers: int
+    hold_warning_seconds: float
 
 
 class Subscription:
@@ -90,11 +94,13 @@ class ChangeFeed:
         self,
         sessions: async_sessionmaker[AsyncSession],
         messages: ChangeMessages,
+        tokens: ResumeTokens,
         listen_dsn: str,
         settings: FeedSettings,
     ) -> None:
         self._sessions = sessions
         self._messages = messages
+        self._tokens = tokens
         self._listen_dsn = listen_dsn
         self._settings = settings
         self._subscriptions: set[Subscription] = set()
@@ -103,6 +109,10 @@ class ChangeFeed:
         self._closed = False
         self.head = Position(0, 0)
         self._head_known = asyncio.Event()
+        # How long the oldest running transaction has held the feed's horizon
+        # (0: none runs); METRICS_PORT exports it.
+        self.held_back_seconds = 0.0
+        self._holder: _Holder | None = None
 
     @property
     def watchers(self) -> int:
@@ -113,6 +123,7 @@ class ChangeFeed:
         self._tasks = [
             asyncio.create_task(self._follow(), name="change-feed"),
             asyncio.create_task(self._listen_forever(), name="change-feed-listen"),
+            asyncio.create_task(self._watch_horizon(), name="change-feed-horizon"),
         ]
 
     async def close(self) -> None:
@@ -127,11 +138,16 @@ class ChangeFeed:
                 await task
 
     @contextlib.asynccontextmanager
-    async def subscribe(self, after: Position | None) -> AsyncIterator[Subscription]:
+    async def subscribe(
+        self, after: Position | None, origin: Origin | None = None
+    ) -> AsyncIterator[Subscription]:
         """Batches for a watch from `after` (None: from now), for the length of the call.
 
-        Refused with OVERLOADED past MAX_WATCHERS, DRAINING once closed, and
-        OUT_OF_RANGE when retention has deleted changes after `after`.
+        `origin`: where `after` was read (its resume token's). Refused with
+        OVERLOADED past MAX_WATCHERS, DRAINING once closed, and OUT_OF_RANGE
+        (RESUME_TOKEN_EXPIRED) when this database does not have the history up
+        to `after`: another database's token, one of a history a failover or
+        a restore undid, or one older than retention.
         """
         if self._closed:
             raise draining()
@@ -139,8 +155,11 @@ class ChangeFeed:
             raise Overloaded()
         if after is None:  # the reader's head may be a poll interval old: ask
             after = await db.read(self._sessions, outbox.now)
-        else:
-            await db.read(self._sessions, outbox.require_retained, after)
+        else:  # once the feed knows this database and has noted its timeline
+            await self._head_known.wait()
+            if origin is None or not origin.same_database(self._origin()):
+                raise ResumeTokenExpired()  # another database's, or an older release's
+            await db.read(self._sessions, outbox.require_resumable, after, origin.timeline)
         await self._head_known.wait()  # only until the database first answered
         subscription = Subscription(after, self.head, self._settings.buffer_batches)
         self._subscriptions.add(subscription)
@@ -178,9 +197,15 @@ class ChangeFeed:
                 last_sent = loop.time()
             await asyncio.sleep(MIN_READ_INTERVAL_SECONDS)
 
+    def _origin(self) -> Origin:
+        origin = self._tokens.origin
+        assert origin is not None, "set before the head is known"
+        return origin
+
     async def _find_head(self) -> None:
         while True:
             try:
+                self._tokens.origin = await db.write(self._sessions, outbox.origin)
                 self.head = await db.read(self._sessions, outbox.now)
                 self._head_known.set()
                 return
@@ -238,3 +263,61 @@ class ChangeFeed:
     def _notified(self, *_: object) -> None:
         if self._subscriptions:
             self._wake.set()
+
+    async def _watch_horizon(self) -> None:
+        """Every poll interval: whether a transaction holds the feed back, and the WAL timeline.
+
+        The feed reads only changes of transactions older than every one still
+        running (outbox.py), so one long transaction, anywhere in the cluster,
+        holds every later change back until it ends. That is inherent; it is
+        made visible here: `held_back_seconds`, and one WARNING naming the
+        transaction once it passes CHANGE_FEED_HOLD_WARNING_SECONDS.
+        """
+        await self._head_known.wait()
+        while True:
+            try:
+                await self._observe(await db.read(self._sessions, outbox.snapshot))
+            except Exception as error:  # the database is away: the reader says so
+                logger.debug("observing the horizon failed: %r", error)
+            await asyncio.sleep(self._settings.poll_seconds)
+
+    async def _observe(self, now: Snapshot) -> None:
+        origin = self._origin()
+        if now.timeline != origin.timeline:
+            await db.write(self._sessions, outbox.note_timeline, now)
+            self._tokens.origin = dataclasses.replace(origin, timeline=now.timeline)
+            logger.warning(
+                "the database now writes WAL timeline %d (was %d: a failover or a restore); "
+                "resume tokens of the old one are honoured up to transaction %d",
+                now.timeline,
+                origin.timeline,
+                now.xmin,
+            )
+        if now.xmin >= now.xmax:  # no transaction runs: nothing holds the feed
+            self._holder, self.held_back_seconds = None, 0.0
+            return
+        clock = time.monotonic()
+        if self._holder is None or self._holder.xid != now.xmin:
+            self._holder = _Holder(now.xmin, clock)
+        self.held_back_seconds = clock - self._holder.since
+        limit = self._settings.hold_warning_seconds
+        if self.held_back_seconds >= limit and not self._holder.warned:
+            self._holder.warned = True
+            pid, name = await db.read(self._sessions, outbox.transaction_owner, now.xmin)
+            logger.warning(
+                "the change feed is held back %.0f s by transaction %d (pid %s, application_name "
+                "%r): changes committed since it began wait until it ends",
+                self.held_back_seconds,
+                now.xmin,
+                pid if pid is not None else "unknown",
+                name or "",
+            )
+
+
+@dataclass
+class _Holder:
+    """The transaction holding the feed's horizon, and since when it has been seen to."""
+
+    xid: int
+    since: float  # time.monotonic()
+    warned: bool = False

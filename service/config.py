@@ -179,6 +179,10 @@ class Settings(BaseSettings):
     # Watches open at once in this process (they are not counted in
     # MAX_CONCURRENT_RPCS); beyond it, UNAVAILABLE (OVERLOADED).
     max_watchers: int = Field(default=1000, ge=1)
+    # A transaction running this long holds every later change back from
+    # the watches (the feed reads only changes of transactions older than
+    # every one still running): logged once, naming its pid and application_name.
+    change_feed_hold_warning_seconds: float = Field(default=30, gt=0)
 
     # uvloop (when installed; it is on Linux) or the standard library's loop.
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"

@@ -50,6 +50,7 @@ from prometheus_client.utils import floatToGoString
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.admission import Admission
+from service.change_feed import ChangeFeed
 from service.db import PoolStatus, pool_status
 from service.guards import Handler, behavior_of, rebuilt
 from service.health import SERVING, DatabaseHealth
@@ -178,6 +179,22 @@ class Metrics:
             [lambda _: [Observation(n, {"target": t}) for t, n in list(replicas.reads.items())]],
             unit="{read}",
             description="Reads served, by the primary or by each standby",
+        )
+
+    def observe_change_feed(self, feed: ChangeFeed) -> None:
+        """WatchUsers: the open watches, and how long a transaction holds changes back."""
+        meter = self.provider.get_meter("pat-users")
+        meter.create_observable_gauge(
+            "pat_users.change_feed.watchers",
+            [lambda _: [Observation(feed.watchers)]],
+            unit="{watch}",
+            description="WatchUsers streams open now",
+        )
+        meter.create_observable_gauge(
+            "pat_users.change_feed.held_back",
+            [lambda _: [Observation(feed.held_back_seconds)]],
+            unit="s",
+            description="How long the oldest running transaction has held later changes back",
         )
 
     async def stop(self) -> None:

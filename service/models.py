@@ -128,3 +128,17 @@ class ChangeHorizon(Base):
     seq: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
 
     __table_args__ = (CheckConstraint("singleton", name="singleton"),)
+
+
+class Timeline(Base):
+    """The WAL timelines the change feed has seen, each with its first transaction.
+
+    A failover or a point-in-time restore starts a new timeline; a resume
+    token from an older one is honoured only for positions before the
+    first transaction of the timeline that followed it (outbox.require_resumable).
+    """
+
+    __tablename__ = "user_changes_timelines"
+
+    timeline: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    first_xid: Mapped[int] = mapped_column(BigInteger)

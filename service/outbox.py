@@ -22,13 +22,14 @@ from sqlalchemy import (
     delete,
     func,
     select,
+    text,
     tuple_,
     update,
 )
 from sqlalchemy.orm import Session
 
 from service.errors import ResumeTokenExpired
-from service.models import ChangeHorizon, UserChange
+from service.models import ChangeHorizon, Timeline, UserChange
 
 # A row of user_changes: the user's columns as in `users`, plus xid, seq, kind.
 ChangeRow = Row[Any]
@@ -134,3 +135,120 @@ def expire(session: Session, cutoff: datetime, batch: int) -> int:
     deleted = connection.execute(_DELETE_UP_TO, parameters).rowcount
     connection.execute(_MOVE_HORIZON, parameters)
     return int(deleted)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where feed positions come from: one database of one cluster, on one timeline of its WAL.
+
+    The cluster's system_identifier and the database's OID tell databases
+    apart: another database of the cluster, or a pg_dump restored into a
+    new database or cluster, has another. A streaming standby has the same
+    ones (base backups copy the control file), and so does a point-in-time
+    restore: those two start a new timeline instead, and `require_resumable`
+    tells which positions of the old one the new one still has.
+    """
+
+    system_identifier: int
+    database_oid: int
+    timeline: int
+
+    def same_database(self, other: "Origin") -> bool:
+        return (self.system_identifier, self.database_oid) == (
+            other.system_identifier,
+            other.database_oid,
+        )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The feed's view of the database now."""
+
+    xmin: int  # the oldest transaction still running (or the next one, if none runs)
+    xmax: int  # the next transaction id to be assigned
+    timeline: int  # the WAL timeline being written
+
+
+# The timeline is the first eight hex digits of the WAL file being written.
+_SNAPSHOT = text(
+    "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint, "
+    "('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int "
+    "FROM pg_current_snapshot() AS s"
+)
+_IDENTITY = text(
+    "SELECT system_identifier, (SELECT oid FROM pg_database WHERE datname = current_database()) "
+    "FROM pg_control_system()"
+)
+_timelines = cast(Table, Timeline.__table__)
+# The first timeline noted starts at xid 0: every position before it is its own.
+_NOTE_TIMELINE = text(
+    "INSERT INTO user_changes_timelines (timeline, first_xid) "
+    "SELECT :timeline, CASE WHEN EXISTS (SELECT FROM user_changes_timelines) THEN :xmin ELSE 0 END "
+    "ON CONFLICT (timeline) DO NOTHING"
+)
+_NEXT_TIMELINE = (
+    select(_timelines.c.first_xid)
+    .where(_timelines.c.timeline > bindparam("timeline"))
+    .order_by(_timelines.c.timeline)
+    .limit(1)
+)
+
+
+def snapshot(session: Session) -> Snapshot:
+    xmin, xmax, timeline = session.connection().execute(_SNAPSHOT).one()
+    return Snapshot(xmin, xmax, timeline)
+
+
+def origin(session: Session) -> Origin:
+    """This database's origin, its timeline noted (run in db.write)."""
+    connection = session.connection()
+    system_identifier, database_oid = connection.execute(_IDENTITY).one()
+    now = snapshot(session)
+    note_timeline(session, now)
+    return Origin(int(system_identifier), int(database_oid), now.timeline)
+
+
+def note_timeline(session: Session, now: Snapshot) -> None:
+    """Record the first transaction of `now`'s timeline, unless a process did already.
+
+    Seen within a poll of a failover or a restore: xmin then is the first
+    transaction of the new timeline, or just after it if some ran meanwhile.
+    """
+    parameters = {"timeline": now.timeline, "xmin": now.xmin}
+    session.connection().execute(_NOTE_TIMELINE, parameters)
+
+
+def require_resumable(session: Session, position: Position, timeline: int) -> None:
+    """ResumeTokenExpired unless this database still has the history up to `position`.
+
+    `timeline`: the one the position was read on. A position of the current
+    timeline must not be beyond what it has written; one of an older timeline
+    must come before the first transaction of the timeline that followed it
+    (later ones were lost with it: the tail a failover lost, or what a
+    point-in-time restore undid). Positions retention deleted are gone too.
+    """
+    require_retained(session, position)
+    now = snapshot(session)
+    if timeline == now.timeline:
+        end = Position(now.xmax, 0)
+    elif timeline < now.timeline:
+        first_xid = session.connection().execute(_NEXT_TIMELINE, {"timeline": timeline})
+        found = first_xid.scalar_one_or_none()
+        end = Position(found, 0) if found is not None else Position(0, 0)
+    else:
+        end = Position(0, 0)  # a timeline this database never had
+    if position > end:
+        raise ResumeTokenExpired()
+
+
+# Transactions are known by their 32-bit xid in pg_stat_activity.
+_OWNER = text(
+    "SELECT pid, application_name FROM pg_stat_activity "
+    "WHERE backend_xid::text::bigint = :xid % 4294967296 LIMIT 1"
+)
+
+
+def transaction_owner(session: Session, xid: int) -> tuple[int | None, str | None]:
+    """The pid and application_name of the session running transaction `xid`, if it still runs."""
+    found = session.connection().execute(_OWNER, {"xid": xid}).one_or_none()
+    return (found.pid, found.application_name) if found is not None else (None, None)

@@ -160,12 +160,12 @@ async def start(
     sessions = create_sessions(engine)
     token_secret = settings.page_token_secret.get_secret_value().encode()
     database, replicas, read_your_writes = _database(settings, url, sessions, token_secret)
-    metrics = _start_metrics(settings, engine, admission, loop_lag, health, replicas)
-    tracing = _start_tracing(settings, span_exporter)
-    server = grpc.aio.server(options=server_options(settings))  # no interceptors: see telemetry
     resume_tokens = ResumeTokens(token_secret)
     messages = ChangeMessages(resume_tokens)
-    feed = _change_feed(settings, url, sessions, messages)
+    feed = _change_feed(settings, url, sessions, messages, resume_tokens)
+    metrics = _start_metrics(settings, engine, admission, loop_lag, health, replicas, feed)
+    tracing = _start_tracing(settings, span_exporter)
+    server = grpc.aio.server(options=server_options(settings))  # no interceptors: see telemetry
     servicer = UserService(database, PageTokens(token_secret), resume_tokens, feed, messages)
     access_log = new_access_log(
         settings.access_log, settings.log_format, direct_lines(logging.getLogger(ACCESS_LOGGER))
@@ -237,6 +237,7 @@ def _change_feed(
     database_url: URL,
     sessions: async_sessionmaker[AsyncSession],
     messages: ChangeMessages,
+    tokens: ResumeTokens,
 ) -> ChangeFeed:
     """The feed LISTENs on PostgreSQL itself (MIGRATION_DATABASE_URL), never a pooler."""
     variable, configured = migration_database_url(settings)
@@ -247,8 +248,9 @@ def _change_feed(
         heartbeat_seconds=settings.watch_heartbeat_seconds,
         buffer_batches=settings.watch_buffer_batches,
         max_watchers=settings.max_watchers,
+        hold_warning_seconds=settings.change_feed_hold_warning_seconds,
     )
-    return ChangeFeed(sessions, messages, listen_dsn, feed_settings)
+    return ChangeFeed(sessions, messages, tokens, listen_dsn, feed_settings)
 
 
 def _start_metrics(
@@ -258,6 +260,7 @@ def _start_metrics(
     loop_lag: LoopLag,
     health: DatabaseHealth,
     replicas: ReplicaSet | None,
+    feed: ChangeFeed,
 ) -> Metrics | None:
     """METRICS_PORT's endpoint and what it exports."""
     if settings.metrics_port is None:
@@ -266,6 +269,7 @@ def _start_metrics(
 
     metrics = Metrics(settings.grpc_host, settings.metrics_port)
     metrics.observe(engine, admission, loop_lag, health)
+    metrics.observe_change_feed(feed)
     if replicas is not None:
         metrics.observe_replicas(replicas)
     return metrics

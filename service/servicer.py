@@ -22,7 +22,7 @@ from service.change_messages import ChangeMessages
 from service.convert import to_proto
 from service.db import Database
 from service.errors import FieldViolation, InvalidArgument
-from service.outbox import Position
+from service.outbox import Origin, Position
 from service.page_tokens import InvalidPageToken, PageTokens
 from service.resume_tokens import InvalidResumeToken, ResumeTokens
 from service.validation import Violations
@@ -161,14 +161,15 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
     async def WatchUsers(
         self, request: pb.WatchUsersRequest, context: Context
     ) -> AsyncIterator[pb.WatchUsersResponse]:
-        after = self._resume_position(request.resume_token)
-        async with self._feed.subscribe(after) as subscription:
+        origin, after = self._resume_position(request.resume_token)
+        async with self._feed.subscribe(after, origin) as subscription:
             async for response in Watch(subscription, self._database.sessions, self._messages):
                 yield response
 
-    def _resume_position(self, token: str) -> Position | None:
+    def _resume_position(self, token: str) -> tuple[Origin | None, Position | None]:
+        """Where the token says to resume, and where that position came from (None: now)."""
         if not token:
-            return None
+            return None, None
         try:
             return self._resume_tokens.read(token)
         except InvalidResumeToken as error:

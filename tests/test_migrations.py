@@ -77,6 +77,7 @@ async def test_cli_upgrade_downgrade_upgrade_round_trips(
         "users",
         "user_changes",
         "user_changes_horizon",
+        "user_changes_timelines",
         "alembic_version",
     }
 
