@@ -151,6 +151,12 @@ class Metrics:
             description="How late the event loop ran its last sample (every 0.1 s)",
         )
         meter.create_observable_gauge(
+            "pat_users.event_loop.tasks",
+            [_task_count(asyncio.get_running_loop())],
+            unit="{task}",
+            description="Tasks alive on the event loop: one per call, watch and background job",
+        )
+        meter.create_observable_gauge(
             "pat_users.health.serving",
             [_health_statuses(health)],
             description="1 if the health service answers SERVING for this name, else 0",
@@ -224,6 +230,15 @@ def _refused_by_caller(admission: Admission) -> Callback:
     def observe(_: CallbackOptions) -> Iterable[Observation]:
         refused = list(admission.refused_by_caller.items())  # a copy: calls add to it meanwhile
         return [Observation(n, {"caller": caller}) for caller, n in refused]
+
+    return observe
+
+
+def _task_count(loop: asyncio.AbstractEventLoop) -> Callback:
+    """The loop's tasks, counted from the exporter's thread (all_tasks retries a changing set)."""
+
+    def observe(_: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(len(asyncio.all_tasks(loop)))]
 
     return observe
 
@@ -442,7 +457,9 @@ def _status(context: Context, error: BaseException | None) -> str:
     if error is None or isinstance(error, grpc.aio.AbortError):
         code = context.code()  # set by abort() or set_code(); None: OK
         return code.name if isinstance(code, grpc.StatusCode) else "OK"
-    if isinstance(error, asyncio.CancelledError):
+    # GeneratorExit: the call ended (its caller cancelled) while grpc was
+    # sending the generator's last answer, and grpc closed the generator.
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
         return grpc.StatusCode.CANCELLED.name
     return grpc.StatusCode.UNKNOWN.name
 

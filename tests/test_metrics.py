@@ -52,7 +52,10 @@ SERVICE_GAUGES = (
     "pat_users_rpc_refused_total",
     "pat_users_rpc_unsent_response_bytes",
     "pat_users_event_loop_lag_seconds",
+    "pat_users_event_loop_tasks",
     "pat_users_health_serving",
+    "pat_users_change_feed_watchers",
+    "pat_users_change_feed_held_back_seconds",
 )
 
 
@@ -128,6 +131,8 @@ async def test_scrape_counts_every_call_and_shows_the_services_gauges(
         assert value(scraped, "pat_users_db_pool_size") == 10
         assert value(scraped, "pat_users_db_pool_checked_out") == 0
         assert value(scraped, "pat_users_rpc_in_progress") == 0
+        assert value(scraped, "pat_users_change_feed_watchers") == 0
+        assert value(scraped, "pat_users_change_feed_held_back_seconds") == 0
         for name in ("", "pat.users.v1.UserService", "liveness"):
             assert value(scraped, "pat_users_health_serving", f'service="{name}"') == 1
         assert value(scraped, "pat_users_rpc_refused_total", 'reason="max_concurrent_rpcs"') == 0
