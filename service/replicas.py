@@ -43,7 +43,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import asyncpg
 from sqlalchemy import TextClause, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, AdaptedConnection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
@@ -370,10 +372,30 @@ def _position(session: Session, sql: str) -> int:
     """
     driver = session.connection().connection.dbapi_connection
     assert isinstance(driver, AdaptedConnection)
-    found = driver.run_async(lambda connection: connection.fetchval(sql))
+    try:
+        found = driver.run_async(lambda connection: connection.fetchval(sql))
+    except Exception as error:
+        raise _as_sqlalchemy_raises(session, sql, error) from error
     if found is None:
         raise NotAStandby("pg_last_wal_replay_lsn() is NULL: not a standby")
     return int(found)
+
+
+# The driver's errors that say its connection is gone (closed, reset, terminated).
+_CONNECTION_GONE = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
+
+
+def _as_sqlalchemy_raises(session: Session, sql: str, error: Exception) -> sa_exc.DBAPIError:
+    """The driver's own error, raised past SQLAlchemy, as SQLAlchemy would have raised it.
+
+    errors.py reads SQLAlchemy's errors (their SQLSTATE, a lost connection);
+    a connection that is gone is discarded, as SQLAlchemy discards one, so
+    the pool does not hand it out again.
+    """
+    gone = isinstance(error, _CONNECTION_GONE)
+    if gone:
+        session.connection().invalidate(error)
+    return sa_exc.DBAPIError(sql, None, error, connection_invalidated=gone)
 
 
 def _standby_failed(error: Exception) -> bool:

@@ -26,6 +26,7 @@ from tests.support import (
     create_user,
     eventually,
     fails,
+    run_sql,
     serving,
     unique_email,
 )
@@ -314,8 +315,10 @@ async def test_killing_the_standby_mid_load_loses_no_call_and_flips_no_health(
             )
         finally:
             stop.set()
-            done = await asyncio.gather(*readers)  # any failed call fails the test here
-            await asyncio.to_thread(standby.start)
+            try:
+                done = await asyncio.gather(*readers)  # any failed call fails the test here
+            finally:
+                await asyncio.to_thread(standby.start)  # the module's other tests share it
         assert sum(done) > 100
         assert statuses
         assert set(statuses) == {health_pb2.HealthCheckResponse.SERVING}
@@ -329,6 +332,34 @@ async def test_killing_the_standby_mid_load_loses_no_call_and_flips_no_health(
         assert reads(running, "replica-1") == before + 1
     logged = [r.getMessage() for r in caplog.records if r.name == "service.replicas"]
     assert sum("its reads go to the primary" in line for line in logged) == 1, logged
+
+
+async def test_a_standby_connection_lost_under_a_token_read_goes_to_the_primary(
+    primary_url: str, standby: Standby
+) -> None:
+    """A token read's first statement, the standby's replay position (asked of the driver
+    itself, past SQLAlchemy), meets a connection the standby closed: the primary answers."""
+    # Checks far apart: the standby is not known to have replayed a new write,
+    # so a read with its token asks the standby's position first.
+    settings = {"replica_check_interval_seconds": 2, "replica_max_lag_seconds": 60}
+    async with (
+        serving_with(primary_url, standby, **settings) as running,
+        user_service(running) as stub,
+    ):
+        await stub.ListUsers(pb.ListUsersRequest(page_size=1))  # a pooled standby connection
+        assert reads(running, "replica-1") == 1
+        closed = await run_sql(
+            standby.url,
+            "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity "
+            "WHERE application_name = 'pat-users'",
+        )
+        assert closed[0]["n"] >= 1
+        user, token = await created_with_token(stub)
+        got = await stub.GetUser(pb.GetUserRequest(id=user.id), metadata=[(TOKEN, token)])
+        assert got.user == user
+        assert reads(running, "primary") == 1
+        assert running.replicas is not None
+        assert running.replicas.replicas[0].state == "unreachable"  # until a check finds it well
 
 
 async def test_a_promoted_standby_is_taken_out(
