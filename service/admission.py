@@ -87,9 +87,7 @@ class Admission:
             self._refuse(TOO_MANY_CALLS, caller)
         held = self._held.get(key, 0)
         if held >= self.share * caller.weight:
-            self._refuse(
-                CALLER_SHARE, caller, whose=caller.name if caller is not ANONYMOUS else key
-            )
+            self._refuse(CALLER_SHARE, caller, whose=key)
         if self._loop_lag.last >= self._shed_lag:
             self._refuse(LOOP_LAG, caller)
         if self.unsent_bytes >= self.unsent_budget and self._behind(context.peer()):
