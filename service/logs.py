@@ -83,11 +83,15 @@ class _TextFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         if datefmt is not None:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
+        return f"{self.date_and_time(record.created)},{int(record.msecs):03d}"
+
+    def date_and_time(self, created: float) -> str:
+        """asctime up to its milliseconds (logging's default_msec_format adds them)."""
+        second = int(created)
         if second != self._second:
-            self._stamp = time.strftime(self.default_time_format, self.converter(record.created))
+            self._stamp = time.strftime(self.default_time_format, self.converter(created))
             self._second = second
-        return f"{self._stamp},{int(record.msecs):03d}"  # logging's default_msec_format
+        return self._stamp
 
 
 class _JsonFormatter(_TextFormatter, JsonFormatter):
@@ -240,8 +244,6 @@ class DirectLines:
         }  # fmt: skip
         self._lead, rest = marked.split("\0")
         self._middle, self._tail = rest.split("\1")
-        self._second = -1  # the time stamp's date and time, made once a second
-        self._date = ""
         self._sole = False  # `sole_receiver()`'s last answer, and when to ask again
         self._recheck_at = 0.0
 
@@ -297,13 +299,8 @@ class DirectLines:
         fields: Mapping[str, object] | None = None,
     ) -> str:
         """The handler's line for such a record `created` then; under its lock."""
-        second = int(created)
-        if second != self._second:  # logging's asctime, worked out once a second
-            converted = self._formatter.converter(created)
-            self._date = time.strftime(self._formatter.default_time_format, converted)
-            self._second = second
-        milliseconds = int((created - second) * 1000)
-        stamp = f"{self._date},{milliseconds:03d}"  # logging's default_msec_format
+        milliseconds = int((created - int(created)) * 1000)  # as LogRecord.msecs
+        stamp = f"{self._formatter.date_and_time(created)},{milliseconds:03d}"
         text = self._prefix + message  # as LogRecord.getMessage, after the factory
         if args:
             text %= args
