@@ -18,8 +18,7 @@ import grpc
 from pat.users.v1 import user_service_pb2 as pb
 from pat.users.v1.user_service_pb2_grpc import UserServiceStub
 from tests.support import ServiceProcess, eventually, subprocess_env, wait_until_serving
-from tests.test_metrics import scrape, value
-from toolkit.ports import free_port
+from tests.test_metrics import metrics_ports, scrape, value
 from toolkit.processes import rss_mb
 
 WATCHES = 5000
@@ -45,17 +44,17 @@ async def test_cancelled_watches_leave_no_memory_and_no_task_behind(
     migrated_database: Callable[[], Awaitable[str]],
 ) -> None:
     url = await migrated_database()
-    metrics_port = free_port()
     env = subprocess_env(
         DATABASE_URL=url,
         GRPC_HOST="127.0.0.1",
         GRPC_PORT="0",
-        METRICS_PORT=str(metrics_port),
+        METRICS_PORT="0",
         ACCESS_LOG="false",
         SHUTDOWN_DRAIN_SECONDS="0",
     )
     child = await ServiceProcess.start(env)
     try:
+        (metrics_port,) = metrics_ports(child)
         async with grpc.aio.insecure_channel(child.address) as channel:
             await wait_until_serving(channel)
             stub = UserServiceStub(channel)
